@@ -1,0 +1,25 @@
+//! `get-order`: `GET /orders/{id}`, an order and its lines as one JSON document.
+
+use http::{Method, StatusCode};
+use tally_shared::http::{path_id, raw_json_response};
+use tally_shared::router::HandlerResult;
+use tally_shared::{ApiError, AppState, Request, Route};
+use tokio_postgres::types::Type;
+
+pub fn routes() -> Vec<Route> {
+    vec![Route::new(Method::GET, "/orders/{id}", |r, s| {
+        Box::pin(get_order(r, s))
+    })]
+}
+
+/// `order_document` (a migration) builds the body in Postgres: one round trip, no re-encoding.
+const ORDER_SQL: &str = "SELECT user_id, body FROM order_document($1)";
+
+pub async fn get_order(request: Request, state: AppState) -> HandlerResult {
+    let id = path_id(&request, "id")?;
+    let conn = state.pool.get().await?;
+    let rows = conn.query_typed(ORDER_SQL, &[(&id, Type::INT8)]).await?;
+    let row = rows.first().ok_or(ApiError::NotFound)?;
+    let body: String = row.get(1);
+    Ok(raw_json_response(StatusCode::OK, body))
+}

@@ -1,0 +1,178 @@
+//! `list-products`: the catalog. `GET /products` (keyset-paginated, ordered by id) and
+//! `GET /products/{id}`.
+
+use http::{HeaderValue, Method, StatusCode, header};
+use serde::Serialize;
+use tally_shared::http::{json_response, path_id, query_pairs};
+use tally_shared::{ApiError, AppState, Request, Route};
+use tokio_postgres::Row;
+use tokio_postgres::types::Type;
+
+pub fn routes() -> Vec<Route> {
+    vec![
+        Route::new(Method::GET, "/products", |r, s| {
+            Box::pin(list_products(r, s))
+        }),
+        Route::new(Method::GET, "/products/{id}", |r, s| {
+            Box::pin(get_product(r, s))
+        }),
+    ]
+}
+
+const DEFAULT_LIMIT: i64 = 100;
+const MAX_LIMIT: i64 = 1000;
+
+#[derive(Debug, Serialize)]
+pub struct Product {
+    pub id: i64,
+    pub sku: String,
+    pub name: String,
+    pub price_cents: i64,
+    pub inventory: i64,
+}
+
+impl From<&Row> for Product {
+    fn from(row: &Row) -> Self {
+        Self {
+            id: row.get(0),
+            sku: row.get(1),
+            name: row.get(2),
+            price_cents: row.get(3),
+            inventory: row.get(4),
+        }
+    }
+}
+
+/// `?limit=&after_id=`, checked.
+#[derive(Debug, PartialEq)]
+struct Page {
+    limit: i64,
+    after_id: i64,
+}
+
+impl Page {
+    fn from_request(request: &Request) -> Result<Self, ApiError> {
+        let mut page = Page {
+            limit: DEFAULT_LIMIT,
+            after_id: 0,
+        };
+        for (name, value) in query_pairs(request) {
+            let number = value.parse::<i64>().ok();
+            match name {
+                "limit" => {
+                    page.limit =
+                        number
+                            .filter(|n| (1..=MAX_LIMIT).contains(n))
+                            .ok_or_else(|| {
+                                ApiError::InvalidRequest(format!(
+                                    "limit must be an integer from 1 to {MAX_LIMIT}"
+                                ))
+                            })?
+                }
+                "after_id" => {
+                    page.after_id = number.filter(|n| *n >= 0).ok_or_else(|| {
+                        ApiError::InvalidRequest(
+                            "after_id must be a non-negative 64-bit integer".into(),
+                        )
+                    })?
+                }
+                other => {
+                    return Err(ApiError::InvalidRequest(format!(
+                        "unknown query parameter {:?} (known: limit, after_id)",
+                        other.chars().take(64).collect::<String>()
+                    )));
+                }
+            }
+        }
+        Ok(page)
+    }
+}
+
+const LIST_SQL: &str = "SELECT id, sku, name, price_cents, inventory FROM products \
+                        WHERE id > $1 ORDER BY id LIMIT $2";
+const GET_SQL: &str = "SELECT id, sku, name, price_cents, inventory FROM products WHERE id = $1";
+
+pub async fn list_products(
+    request: Request,
+    state: AppState,
+) -> tally_shared::router::HandlerResult {
+    let page = Page::from_request(&request)?;
+    let conn = state.pool.get().await?;
+    // One row more than asked tells whether there is a next page.
+    let rows = conn
+        .query_typed(
+            LIST_SQL,
+            &[
+                (&page.after_id, Type::INT8),
+                (&(page.limit + 1), Type::INT8),
+            ],
+        )
+        .await?;
+    drop(conn);
+    let has_more = rows.len() as i64 > page.limit;
+    let products: Vec<Product> = rows
+        .iter()
+        .take(page.limit as usize)
+        .map(Product::from)
+        .collect();
+    let mut response = json_response(StatusCode::OK, &products)?;
+    if let (true, Some(last)) = (has_more, products.last()) {
+        let link = format!(
+            "</products?limit={}&after_id={}>; rel=\"next\"",
+            page.limit, last.id
+        );
+        if let Ok(value) = HeaderValue::from_str(&link) {
+            response.headers_mut().insert(header::LINK, value);
+        }
+    }
+    Ok(response)
+}
+
+pub async fn get_product(request: Request, state: AppState) -> tally_shared::router::HandlerResult {
+    let id = path_id(&request, "id")?;
+    let conn = state.pool.get().await?;
+    let rows = conn.query_typed(GET_SQL, &[(&id, Type::INT8)]).await?;
+    let product = rows.first().map(Product::from).ok_or(ApiError::NotFound)?;
+    json_response(StatusCode::OK, &product)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn page(query: &str) -> Result<Page, ApiError> {
+        let request = http::Request::builder()
+            .uri(format!("/products{query}"))
+            .body(bytes::Bytes::new())
+            .unwrap();
+        Page::from_request(&request)
+    }
+
+    #[test]
+    fn paging_defaults_and_bounds() {
+        assert_eq!(
+            page("").unwrap(),
+            Page {
+                limit: 100,
+                after_id: 0
+            }
+        );
+        assert_eq!(
+            page("?limit=2&after_id=7").unwrap(),
+            Page {
+                limit: 2,
+                after_id: 7
+            }
+        );
+        for bad in [
+            "?limit=0",
+            "?limit=1001",
+            "?limit=x",
+            "?after_id=-1",
+            "?after_id=1.5",
+            "?page=2",
+        ] {
+            assert_eq!(page(bad).unwrap_err().code(), "invalid_request", "{bad}");
+        }
+    }
+}

@@ -1,0 +1,168 @@
+//! The local runner: every function's routes on one port, as a developer (and the tests) run
+//! the whole API without containers. Adding a function means one line in [`router`].
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use tally_shared::devdb::PrivatePostgres;
+use tally_shared::{AppState, Config, Router, db, migrate, runtime, telemetry};
+
+/// Every function, mounted as its own deployment would serve it.
+pub fn router() -> Router {
+    Router::new()
+        .mount(list_products::routes())
+        .mount(create_order::routes())
+        .mount(get_order::routes())
+}
+
+/// Where the private cluster keeps its data unless `TALLY_DATA_DIR` says otherwise: inside the
+/// workspace (ignored by git), so data survives restarts of the runner.
+fn data_dir() -> PathBuf {
+    std::env::var_os("TALLY_DATA_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../.dev/pgdata")))
+}
+
+const PRIVATE_PG_PORT: u16 = 54329;
+const PRIVATE_DB: &str = "tally";
+
+/// Runs the whole API until SIGTERM or Ctrl-C.
+pub fn run() -> ExitCode {
+    let mut config = match Config::from_env() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("tally: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    // A developer's runner listens on loopback unless told otherwise; deployed functions bind
+    // all interfaces.
+    if std::env::var_os("HOST").is_none() {
+        config.host = IpAddr::V4(Ipv4Addr::LOCALHOST);
+    }
+    telemetry::init(&config.log_level);
+
+    let private = if config.database_url.is_none() {
+        match start_private_postgres() {
+            Ok((cluster, url)) => {
+                config.database_url = Some(url);
+                Some(cluster)
+            }
+            Err(e) => {
+                eprintln!("tally: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    } else {
+        None
+    };
+
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("tally: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let code = runtime.block_on(serve(config));
+    if let Some(cluster) = private {
+        if let Err(e) = cluster.stop() {
+            eprintln!("tally: stopping the private PostgreSQL: {e}");
+        }
+    }
+    code
+}
+
+fn start_private_postgres() -> Result<(PrivatePostgres, String), String> {
+    let port = std::env::var("PRIVATE_PG_PORT")
+        .ok()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(PRIVATE_PG_PORT);
+    let cluster = PrivatePostgres::new(&data_dir(), port, "").map_err(|e| e.to_string())?;
+    cluster.start().map_err(|e| e.to_string())?;
+    // The cluster's own `postgres` database always exists; ours is created once.
+    let created = std::process::Command::new("psql")
+        .args([
+            &cluster.url("postgres"),
+            "-qAtc",
+            &format!("SELECT 1 FROM pg_database WHERE datname = '{PRIVATE_DB}'"),
+        ])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "1");
+    if !created.unwrap_or(false) {
+        let out = std::process::Command::new("psql")
+            .args([
+                &cluster.url("postgres"),
+                "-qc",
+                &format!("CREATE DATABASE {PRIVATE_DB}"),
+            ])
+            .output()
+            .map_err(|e| format!("running psql: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "creating database {PRIVATE_DB}: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+    }
+    let url = cluster.url(PRIVATE_DB);
+    Ok((cluster, url))
+}
+
+async fn serve(config: Config) -> ExitCode {
+    let url = config.database_url.clone().unwrap_or_default();
+    match migrate::migrate(&url).await {
+        Ok((client, version)) => match migrate::seed_if_empty(&client).await {
+            Ok(seeded) => tracing::info!(version, seeded, "database ready"),
+            Err(e) => {
+                eprintln!("tally: loading the demo seed: {e}");
+                return ExitCode::FAILURE;
+            }
+        },
+        Err(e) => {
+            eprintln!("tally: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
+    let pool = match db::lazy_pool(&config, "tally-local") {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("tally: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let addr = SocketAddr::new(config.host, config.port);
+    let listener = match tokio::net::TcpListener::bind(addr).await {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("tally: cannot listen on {addr}: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let state = AppState {
+        pool,
+        config: Arc::new(config),
+    };
+    eprintln!("tally: API on http://{addr}  (database {})", redact(&url));
+    runtime::serve(listener, router(), state, runtime::shutdown_signal()).await;
+    ExitCode::SUCCESS
+}
+
+/// The URL without its password, for printing.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let creds = &url[scheme + 3..at];
+            match creds.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}

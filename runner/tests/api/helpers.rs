@@ -1,0 +1,365 @@
+//! The test harness: a fresh database per test, the server on port 0 in-process, an HTTP
+//! client, and the bookkeeping checks every storm ends with.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, Method, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use serde_json::Value;
+use tally_shared::devdb::PrivatePostgres;
+use tally_shared::{AppState, Config, db, migrate, runtime};
+use tokio_postgres::NoTls;
+
+/// The server that hosts the test databases: `TEST_DATABASE_URL`, or a private cluster under
+/// `target/` started once and left running for the next run.
+fn admin_url() -> &'static str {
+    static URL: OnceLock<String> = OnceLock::new();
+    URL.get_or_init(|| {
+        tally_shared::telemetry::init_for_tests();
+        let url = std::env::var("TEST_DATABASE_URL").unwrap_or_else(|_| {
+            let dir = concat!(env!("CARGO_TARGET_TMPDIR"), "/test-pg");
+            let cluster =
+                PrivatePostgres::new(dir.as_ref(), 54330, "-c fsync=off -c max_connections=300")
+                    .expect("a PostgreSQL server for the tests");
+            cluster.start().expect("starting the test PostgreSQL");
+            cluster.url("postgres")
+        });
+        drop_leftover_databases(&url);
+        url
+    })
+}
+
+const TEST_DB_PREFIX: &str = "tally_test_";
+
+/// Databases from earlier runs of this suite; dropped once per run so they do not pile up.
+fn drop_leftover_databases(url: &str) {
+    let url = url.to_owned();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let (client, conn) = tokio_postgres::connect(&url, NoTls)
+                .await
+                .expect("connect to the test server");
+            tokio::spawn(conn);
+            let rows = client
+                .query(
+                    "SELECT datname FROM pg_database WHERE datname LIKE $1",
+                    &[&format!("{TEST_DB_PREFIX}%")],
+                )
+                .await
+                .unwrap();
+            for row in rows {
+                let name: String = row.get(0);
+                let _ = client
+                    .batch_execute(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
+                    .await;
+            }
+        });
+    })
+    .join()
+    .unwrap();
+}
+
+/// Swaps the database name in a URL.
+pub fn with_database(url: &str, database: &str) -> String {
+    let mut config: tokio_postgres::Config = url.parse().unwrap();
+    config.dbname(database);
+    let host = match &config.get_hosts()[0] {
+        tokio_postgres::config::Host::Tcp(h) => h.clone(),
+        #[allow(unreachable_patterns)]
+        _ => "127.0.0.1".into(),
+    };
+    let port = config.get_ports().first().copied().unwrap_or(5432);
+    let user = config.get_user().unwrap_or("postgres");
+    let password = config
+        .get_password()
+        .map(|p| format!(":{}", String::from_utf8_lossy(p)))
+        .unwrap_or_default();
+    format!("postgres://{user}{password}@{host}:{port}/{database}")
+}
+
+/// A fresh, migrated database with a random name on `server_url`'s server.
+pub async fn fresh_database(server_url: &str) -> String {
+    let name = format!("{TEST_DB_PREFIX}{:016x}", random_u64());
+    let (admin, conn) = tokio_postgres::connect(server_url, NoTls)
+        .await
+        .expect("connect");
+    tokio::spawn(conn);
+    admin
+        .batch_execute(&format!("CREATE DATABASE \"{name}\""))
+        .await
+        .expect("create database");
+    let url = with_database(server_url, &name);
+    migrate::migrate(&url).await.expect("migrate");
+    url
+}
+
+pub fn random_u64() -> u64 {
+    use std::hash::{BuildHasher, RandomState};
+    RandomState::new().hash_one(std::time::SystemTime::now())
+}
+
+pub struct TestApp {
+    pub addr: SocketAddr,
+    pub db: tokio_postgres::Client,
+    client: Client<HttpConnector, Full<Bytes>>,
+}
+
+pub struct TestResponse {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl TestResponse {
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
+            panic!(
+                "body is not JSON ({e}): {:?}",
+                String::from_utf8_lossy(&self.body)
+            )
+        })
+    }
+
+    pub fn header(&self, name: &str) -> &str {
+        self.headers
+            .get(name)
+            .map(|v| v.to_str().unwrap())
+            .unwrap_or("")
+    }
+
+    /// Asserts an error response: status, `error` code and the problem+json shape.
+    pub fn assert_problem(&self, status: u16, code: &str) -> Value {
+        let body = self.json();
+        assert_eq!(self.status.as_u16(), status, "body: {body}");
+        assert_eq!(body["error"], code, "body: {body}");
+        assert_eq!(body["status"], status, "body: {body}");
+        assert_eq!(self.header("content-type"), "application/problem+json");
+        assert!(
+            body["type"].is_string() && body["title"].is_string() && body["detail"].is_string(),
+            "{body}"
+        );
+        body
+    }
+}
+
+/// Settings for an in-process server: the test database, small pool, short timeouts.
+pub fn test_config(db_url: &str, extra: &[(&str, &str)]) -> Config {
+    let mut vars = vec![
+        ("DATABASE_URL".to_owned(), db_url.to_owned()),
+        ("POOL_SIZE".to_owned(), "8".to_owned()),
+        ("SHUTDOWN_GRACE_SECS".to_owned(), "5".to_owned()),
+    ];
+    vars.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    Config::from_vars(vars).expect("test config")
+}
+
+impl TestApp {
+    /// A fresh database with the demo seed, and the server on an ephemeral port.
+    pub async fn spawn() -> Self {
+        Self::spawn_on(admin_url(), &[]).await
+    }
+
+    pub async fn spawn_on(server_url: &str, extra: &[(&str, &str)]) -> Self {
+        let db_url = fresh_database(server_url).await;
+        Self::serve(db_url, extra).await
+    }
+
+    /// Serves an existing database.
+    pub async fn serve(db_url: String, extra: &[(&str, &str)]) -> Self {
+        let (db, conn) = tokio_postgres::connect(&db_url, NoTls)
+            .await
+            .expect("connect");
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        migrate::seed_if_empty(&db).await.expect("seed");
+        let config = test_config(&db_url, extra);
+        let pool = db::lazy_pool(&config, "tests").unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let state = AppState {
+            pool,
+            config: Arc::new(config),
+        };
+        tokio::spawn(runtime::serve(
+            listener,
+            tally::router(),
+            state,
+            std::future::pending(),
+        ));
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(30))
+            .build_http();
+        Self { addr, db, client }
+    }
+
+    /// A client for a server running elsewhere (a spawned binary) on 127.0.0.1:`port`.
+    pub async fn attach(port: u16, db_url: &str) -> Self {
+        let (db, conn) = tokio_postgres::connect(db_url, NoTls)
+            .await
+            .expect("connect");
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        let client = Client::builder(TokioExecutor::new()).build_http();
+        Self {
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            db,
+            client,
+        }
+    }
+
+    /// The status of a GET, or None when the server does not answer (yet).
+    pub async fn try_get(&self, path: &str) -> Option<u16> {
+        let request = http::Request::get(format!("http://{}{path}", self.addr))
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        self.client
+            .request(request)
+            .await
+            .ok()
+            .map(|r| r.status().as_u16())
+    }
+
+    pub async fn request(
+        &self,
+        method: Method,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: impl Into<Bytes>,
+    ) -> TestResponse {
+        let mut builder = http::Request::builder()
+            .method(method)
+            .uri(format!("http://{}{path}", self.addr));
+        for (name, value) in headers {
+            builder = builder.header(*name, *value);
+        }
+        let response = self
+            .client
+            .request(builder.body(Full::new(body.into())).unwrap())
+            .await
+            .expect("the server answers");
+        let (parts, body) = response.into_parts();
+        TestResponse {
+            status: parts.status,
+            headers: parts.headers,
+            body: body.collect().await.unwrap().to_bytes(),
+        }
+    }
+
+    pub async fn get(&self, path: &str) -> TestResponse {
+        self.request(Method::GET, path, &[], Bytes::new()).await
+    }
+
+    pub async fn post_json(&self, path: &str, body: &Value) -> TestResponse {
+        self.request(
+            Method::POST,
+            path,
+            &[("content-type", "application/json")],
+            body.to_string(),
+        )
+        .await
+    }
+
+    /// Places an order for `user_id` with `(product_id, quantity)` lines.
+    pub async fn order(&self, user_id: i64, lines: &[(i64, i64)]) -> TestResponse {
+        let items: Vec<Value> = lines
+            .iter()
+            .map(|(p, q)| serde_json::json!({"product_id": p, "quantity": q}))
+            .collect();
+        self.post_json(
+            "/orders",
+            &serde_json::json!({"user_id": user_id, "items": items}),
+        )
+        .await
+    }
+
+    /// Inserts a product directly and returns its id.
+    pub async fn add_product(&self, sku: &str, price_cents: i64, inventory: i64) -> i64 {
+        self.db
+            .query_one(
+                "INSERT INTO products (sku, name, price_cents, inventory) VALUES ($1, $1, $2, $3) RETURNING id",
+                &[&sku, &price_cents, &inventory],
+            )
+            .await
+            .unwrap()
+            .get(0)
+    }
+
+    pub async fn inventory(&self, product_id: i64) -> i64 {
+        self.db
+            .query_one(
+                "SELECT inventory FROM products WHERE id = $1",
+                &[&product_id],
+            )
+            .await
+            .unwrap()
+            .get(0)
+    }
+
+    pub async fn sold(&self, product_id: i64) -> i64 {
+        self.db
+            .query_one(
+                "SELECT coalesce(sum(quantity), 0)::bigint FROM order_items i JOIN orders o ON o.id = i.order_id \
+                 WHERE i.product_id = $1 AND o.status <> 'CANCELLED' AND o.status <> 'FAILED'",
+                &[&product_id],
+            )
+            .await
+            .unwrap()
+            .get(0)
+    }
+
+    pub async fn count(&self, sql: &str) -> i64 {
+        self.db.query_one(sql, &[]).await.unwrap().get(0)
+    }
+
+    /// The books balance for every product: starting stock = stock left + stock sold, and the
+    /// ledger agrees (stock = sum of movements). Panics naming the product that drifted.
+    pub async fn assert_books_balance(&self) {
+        let rows = self
+            .db
+            .query(
+                "SELECT p.id, p.inventory,
+                        (SELECT delta FROM inventory_movements m WHERE m.product_id = p.id AND m.reason = 'initial'),
+                        (SELECT coalesce(sum(delta), 0)::bigint FROM inventory_movements m WHERE m.product_id = p.id)
+                 FROM products p ORDER BY p.id",
+                &[],
+            )
+            .await
+            .unwrap();
+        for row in rows {
+            let (id, inventory, initial, ledger): (i64, i64, i64, i64) =
+                (row.get(0), row.get(1), row.get(2), row.get(3));
+            assert!(inventory >= 0, "product {id} is negative: {inventory}");
+            assert_eq!(
+                inventory, ledger,
+                "product {id}: inventory {inventory} but the ledger sums to {ledger}"
+            );
+            let sold = self.sold(id).await;
+            let adjusted: i64 = self
+                .db
+                .query_one(
+                    "SELECT coalesce(sum(delta), 0)::bigint FROM inventory_movements WHERE product_id = $1 AND reason IN ('adjustment', 'restock')",
+                    &[&id],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            assert_eq!(
+                initial + adjusted,
+                inventory + sold,
+                "product {id}: initial {initial} + adjustments {adjusted} != left {inventory} + sold {sold}"
+            );
+        }
+    }
+}

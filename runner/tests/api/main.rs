@@ -1,0 +1,9 @@
+//! The API tests: one binary (linked once), every test against its own fresh database on a
+//! real PostgreSQL, through real HTTP to the same router the local runner serves.
+
+mod bad_input;
+mod faults;
+mod helpers;
+mod orders;
+mod products;
+mod storms;

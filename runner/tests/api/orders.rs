@@ -1,0 +1,122 @@
+//! Placing and reading orders: the happy path and every business error, one at a time.
+
+use serde_json::json;
+
+use crate::helpers::TestApp;
+
+#[tokio::test]
+async fn an_order_is_created_priced_and_read_back() {
+    let app = TestApp::spawn().await;
+    let r = app.order(1, &[(1, 2), (2, 1)]).await;
+    assert_eq!(r.status, 201, "{:?}", r.body);
+    let body = r.json();
+    let id = body["order_id"].as_i64().unwrap();
+    assert_eq!(r.header("location"), format!("/orders/{id}"));
+    assert_eq!(body["status"], "PENDING");
+    assert_eq!(body["user_id"], 1);
+    assert_eq!(body["total_cents"], 2 * 4999 + 2599);
+    assert_eq!(
+        body["items"],
+        json!([
+            {"product_id": 1, "quantity": 2, "unit_price_cents": 4999},
+            {"product_id": 2, "quantity": 1, "unit_price_cents": 2599},
+        ])
+    );
+    assert!(body["created_at"].as_str().unwrap().ends_with('Z'));
+    assert_eq!(app.inventory(1).await, 48);
+    assert_eq!(app.inventory(2).await, 9);
+
+    let r = app.get(&format!("/orders/{id}")).await;
+    assert_eq!(r.status, 200);
+    let doc = r.json();
+    assert_eq!(doc["order"]["id"], id);
+    assert_eq!(doc["order"]["status"], "PENDING");
+    assert_eq!(doc["order"]["total_cents"], 12597);
+    assert_eq!(doc["order"]["created_at"], body["created_at"]);
+    assert_eq!(doc["items"], body["items"]);
+    app.assert_books_balance().await;
+}
+
+#[tokio::test]
+async fn lines_for_the_same_product_are_summed_before_the_check() {
+    let app = TestApp::spawn().await;
+    // Stock of SKU-003 is 2: two lines of 1 fit, three do not.
+    let r = app.order(1, &[(3, 1), (3, 1)]).await;
+    assert_eq!(r.status, 201);
+    assert_eq!(
+        r.json()["items"],
+        json!([{"product_id": 3, "quantity": 2, "unit_price_cents": 999}])
+    );
+    let r = app.order(1, &[(2, 4), (2, 4), (2, 4)]).await;
+    let body = r.assert_problem(409, "insufficient_inventory");
+    assert_eq!(
+        (
+            body["product_id"].as_i64(),
+            body["requested"].as_i64(),
+            body["available"].as_i64()
+        ),
+        (Some(2), Some(12), Some(10))
+    );
+}
+
+#[tokio::test]
+async fn a_short_line_sells_nothing_at_all() {
+    let app = TestApp::spawn().await;
+    let r = app.order(1, &[(1, 5), (3, 3)]).await;
+    let body = r.assert_problem(409, "insufficient_inventory");
+    assert_eq!(body["product_id"], 3);
+    assert_eq!(body["requested"], 3);
+    assert_eq!(body["available"], 2);
+    assert_eq!(
+        app.inventory(1).await,
+        50,
+        "the first line must not have been sold"
+    );
+    assert_eq!(app.count("SELECT count(*) FROM orders").await, 0);
+    app.assert_books_balance().await;
+}
+
+#[tokio::test]
+async fn unknown_users_and_products_are_422_not_500() {
+    let app = TestApp::spawn().await;
+    let body = app
+        .order(99, &[(1, 1)])
+        .await
+        .assert_problem(422, "unknown_user");
+    assert_eq!(body["user_id"], 99);
+    let body = app
+        .order(1, &[(1, 1), (77, 1)])
+        .await
+        .assert_problem(422, "unknown_product");
+    assert_eq!(body["product_id"], 77);
+    let body = app
+        .order(i64::MAX, &[(i64::MAX, 1)])
+        .await
+        .assert_problem(422, "unknown_user");
+    assert_eq!(body["user_id"], i64::MAX);
+    assert_eq!(app.inventory(1).await, 50);
+    assert_eq!(app.count("SELECT count(*) FROM orders").await, 0);
+}
+
+#[tokio::test]
+async fn reading_orders_404_and_malformed_ids() {
+    let app = TestApp::spawn().await;
+    app.get("/orders/1").await.assert_problem(404, "not_found");
+    app.get("/orders/9223372036854775807")
+        .await
+        .assert_problem(404, "not_found");
+    for bad in [
+        "abc",
+        "-1",
+        "0",
+        "1.5",
+        "18446744073709551616",
+        "12345678901234567890123",
+        "1e3",
+        "%20",
+    ] {
+        app.get(&format!("/orders/{bad}"))
+            .await
+            .assert_problem(400, "invalid_id");
+    }
+}

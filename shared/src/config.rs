@@ -1,0 +1,185 @@
+//! Settings from the environment, read once at start with `envy`.
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Everything a function reads from its environment. Variable names are the field names in
+/// upper case (`DATABASE_URL`, `PORT`, `POOL_SIZE`, ...).
+#[derive(Debug, Clone, Deserialize)]
+pub struct Config {
+    /// Required by every deployed function; the local runner starts its own Postgres without it.
+    pub database_url: Option<String>,
+    #[serde(default = "defaults::host")]
+    pub host: IpAddr,
+    #[serde(default = "defaults::port")]
+    pub port: u16,
+    /// Connections per process. Small on purpose: on a hot product, requests are better queued
+    /// in the pool than on the row lock.
+    #[serde(default = "defaults::pool_size")]
+    pub pool_size: u32,
+    /// How long a request may wait for a connection before it is answered 503.
+    #[serde(default = "defaults::pool_timeout_ms")]
+    pub pool_timeout_ms: u64,
+    #[serde(default = "defaults::connect_timeout_ms")]
+    pub connect_timeout_ms: u64,
+    /// Server-side bound on any one statement; 0 turns it off.
+    #[serde(default = "defaults::statement_timeout_ms")]
+    pub statement_timeout_ms: u64,
+    /// How long in-flight requests may take to finish after SIGTERM.
+    #[serde(default = "defaults::shutdown_grace_secs")]
+    pub shutdown_grace_secs: u64,
+    #[serde(default = "defaults::log_level")]
+    pub log_level: String,
+}
+
+mod defaults {
+    use std::net::{IpAddr, Ipv4Addr};
+
+    pub fn host() -> IpAddr {
+        IpAddr::V4(Ipv4Addr::UNSPECIFIED)
+    }
+    pub fn port() -> u16 {
+        8080
+    }
+    pub fn pool_size() -> u32 {
+        4
+    }
+    pub fn pool_timeout_ms() -> u64 {
+        2_000
+    }
+    pub fn connect_timeout_ms() -> u64 {
+        2_000
+    }
+    pub fn statement_timeout_ms() -> u64 {
+        5_000
+    }
+    pub fn shutdown_grace_secs() -> u64 {
+        25
+    }
+    pub fn log_level() -> String {
+        "info".into()
+    }
+}
+
+/// A configuration problem, worded as the one line an operator needs to fix it.
+#[derive(Debug, thiserror::Error)]
+#[error("configuration error: {0}")]
+pub struct ConfigError(String);
+
+impl ConfigError {
+    pub fn new(message: impl Into<String>) -> Self {
+        Self(message.into())
+    }
+}
+
+impl Config {
+    /// Reads the process environment.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_vars(std::env::vars())
+    }
+
+    /// Reads the given variables; tests and the local runner use this to avoid touching the
+    /// process environment.
+    pub fn from_vars(
+        vars: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let config: Self = envy::from_iter(vars).map_err(|e| ConfigError(describe(e)))?;
+        config.check()
+    }
+
+    fn check(self) -> Result<Self, ConfigError> {
+        if self.pool_size == 0 {
+            return Err(ConfigError("POOL_SIZE must be at least 1".into()));
+        }
+        if self.log_level.parse::<tracing::Level>().is_err() {
+            return Err(ConfigError(format!(
+                "LOG_LEVEL={:?} is not one of trace, debug, info, warn, error",
+                self.log_level
+            )));
+        }
+        if let Some(url) = &self.database_url {
+            url.parse::<tokio_postgres::Config>()
+                .map_err(|_| ConfigError("DATABASE_URL is not a valid PostgreSQL URL".into()))?;
+        }
+        Ok(self)
+    }
+
+    /// The database URL, or the error a deployed function reports when it is missing.
+    pub fn require_database_url(&self) -> Result<&str, ConfigError> {
+        self.database_url
+            .as_deref()
+            .ok_or_else(|| ConfigError("missing environment variable DATABASE_URL".into()))
+    }
+
+    pub fn pool_timeout(&self) -> Duration {
+        Duration::from_millis(self.pool_timeout_ms)
+    }
+
+    pub fn connect_timeout(&self) -> Duration {
+        Duration::from_millis(self.connect_timeout_ms)
+    }
+
+    pub fn shutdown_grace(&self) -> Duration {
+        Duration::from_secs(self.shutdown_grace_secs)
+    }
+}
+
+/// envy names fields in lower case; operators set upper-case variables, so say those.
+fn describe(e: envy::Error) -> String {
+    match e {
+        envy::Error::MissingValue(field) => {
+            format!("missing environment variable {}", field.to_uppercase())
+        }
+        envy::Error::Custom(msg) => {
+            // envy's message ends with "... provided by port"; name the variable as it is set.
+            match msg.rsplit_once(" by ") {
+                Some((head, field)) => format!("{head} by {}", field.to_uppercase()),
+                None => msg,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vars(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_apply_when_only_the_database_is_set() {
+        let c = Config::from_vars(vars(&[("DATABASE_URL", "postgres://u@h/db")])).unwrap();
+        assert_eq!(c.port, 8080);
+        assert_eq!(c.pool_size, 4);
+        assert_eq!(c.pool_timeout(), Duration::from_secs(2));
+    }
+
+    #[test]
+    fn a_malformed_port_names_the_variable() {
+        let e = Config::from_vars(vars(&[("PORT", "eighty")])).unwrap_err();
+        assert!(e.to_string().contains("PORT"), "{e}");
+    }
+
+    #[test]
+    fn a_missing_database_url_names_the_variable() {
+        let c = Config::from_vars(vars(&[])).unwrap();
+        let e = c.require_database_url().unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "configuration error: missing environment variable DATABASE_URL"
+        );
+    }
+
+    #[test]
+    fn a_bad_log_level_is_refused() {
+        let e = Config::from_vars(vars(&[("LOG_LEVEL", "loud")])).unwrap_err();
+        assert!(e.to_string().contains("LOG_LEVEL"), "{e}");
+    }
+}

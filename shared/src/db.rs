@@ -1,0 +1,39 @@
+//! The Postgres pool: built lazily so that a cold start never waits for the database.
+
+use bb8_postgres::PostgresConnectionManager;
+use tokio_postgres::NoTls;
+
+use crate::config::{Config, ConfigError};
+
+pub type Pool = bb8::Pool<PostgresConnectionManager<NoTls>>;
+pub type Connection<'a> = bb8::PooledConnection<'a, PostgresConnectionManager<NoTls>>;
+
+/// Builds the pool without opening a connection. The first request opens one; a request that
+/// cannot get one within `POOL_TIMEOUT_MS` is answered 503, and the pool keeps trying, so the
+/// function recovers by itself when Postgres comes back.
+pub fn lazy_pool(config: &Config, application_name: &str) -> Result<Pool, ConfigError> {
+    let url = config.require_database_url()?;
+    let mut pg: tokio_postgres::Config = url
+        .parse()
+        .map_err(|_| ConfigError::new("DATABASE_URL is not a valid PostgreSQL URL"))?;
+    pg.connect_timeout(config.connect_timeout());
+    pg.application_name(application_name);
+    if config.statement_timeout_ms > 0 && pg.get_options().is_none() {
+        // A startup option, not a SET: it costs no round trip and survives PgBouncer's
+        // `ignore_startup_parameters = options` being unset.
+        pg.options(format!(
+            "-c statement_timeout={}",
+            config.statement_timeout_ms
+        ));
+    }
+    let manager = PostgresConnectionManager::new(pg, NoTls);
+    Ok(bb8::Pool::builder()
+        .max_size(config.pool_size)
+        .min_idle(None)
+        .connection_timeout(config.pool_timeout())
+        // Checking every checkout would add a round trip to every request. A dead connection
+        // is noticed by `has_broken` (its socket closed), and a request that still hits one
+        // gets 503 once; the pool replaces it.
+        .test_on_check_out(false)
+        .build_unchecked(manager))
+}

@@ -1,0 +1,200 @@
+//! Request parsing and response building shared by the handlers: JSON bodies, path ids,
+//! query parameters. Bad input stops here, as a 4xx that names what was wrong.
+
+use bytes::Bytes;
+use http::{HeaderValue, StatusCode, header};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::error::ApiError;
+use crate::router::{PathParams, Request, Response};
+
+/// Parses a JSON body into `T`, naming the offending field on a shape error.
+///
+/// Syntax errors (including invalid UTF-8 and nesting past serde_json's depth limit) are
+/// `invalid_json`; well-formed JSON of the wrong shape is `invalid_request`.
+pub fn json_body<T: DeserializeOwned>(request: &Request) -> Result<T, ApiError> {
+    require_json_content_type(request)?;
+    let body = request.body();
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let value: T = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        match inner.classify() {
+            serde_json::error::Category::Data => {
+                let field = if path == "." { "body".to_owned() } else { path };
+                ApiError::InvalidRequest(format!("{field}: {}", strip_position(&inner)))
+            }
+            _ => ApiError::InvalidJson(strip_position(&inner)),
+        }
+    })?;
+    de.end()
+        .map_err(|e| ApiError::InvalidJson(strip_position(&e)))?;
+    Ok(value)
+}
+
+/// serde_json appends "at line 1 column 12"; the message reads better without it for shape
+/// errors, and the position is kept for syntax errors where it helps.
+fn strip_position(e: &serde_json::Error) -> String {
+    let msg = e.to_string();
+    if e.classify() == serde_json::error::Category::Data {
+        if let Some((head, _)) = msg.rsplit_once(" at line ") {
+            return head.to_owned();
+        }
+    }
+    msg
+}
+
+fn require_json_content_type(request: &Request) -> Result<(), ApiError> {
+    let Some(value) = request.headers().get(header::CONTENT_TYPE) else {
+        return Err(ApiError::UnsupportedMediaType);
+    };
+    let mime = value
+        .to_str()
+        .unwrap_or("")
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    if mime == "application/json" || (mime.starts_with("application/") && mime.ends_with("+json")) {
+        Ok(())
+    } else {
+        Err(ApiError::UnsupportedMediaType)
+    }
+}
+
+/// A positive 64-bit id from the path placeholder `name`.
+pub fn path_id(request: &Request, name: &str) -> Result<i64, ApiError> {
+    let raw = request
+        .extensions()
+        .get::<PathParams>()
+        .and_then(|p| p.get(name))
+        .unwrap_or("");
+    parse_id(raw)
+        .ok_or_else(|| ApiError::InvalidId(format!("{name} must be a positive 64-bit integer")))
+}
+
+/// Digits only (no sign, no exponent, no fraction), greater than zero, fits in an i64.
+pub fn parse_id(raw: &str) -> Option<i64> {
+    if raw.is_empty() || !raw.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    raw.parse::<i64>().ok().filter(|id| *id > 0)
+}
+
+/// The query string as `(name, value)` pairs. Values are taken as they are: every parameter
+/// this API reads is an integer, so percent-decoding would only hide bad input.
+pub fn query_pairs(request: &Request) -> impl Iterator<Item = (&str, &str)> {
+    request
+        .uri()
+        .query()
+        .unwrap_or("")
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| p.split_once('=').unwrap_or((p, "")))
+}
+
+/// A JSON response from a serialisable value.
+pub fn json_response(status: StatusCode, body: &impl Serialize) -> Result<Response, ApiError> {
+    let bytes = serde_json::to_vec(body)
+        .map_err(|e| ApiError::Internal(format!("serialising a response: {e}")))?;
+    Ok(raw_json_response(status, Bytes::from(bytes)))
+}
+
+/// A JSON response whose body is already JSON text (built by Postgres, or stored for a replay).
+pub fn raw_json_response(status: StatusCode, body: impl Into<Bytes>) -> Response {
+    let mut response = http::Response::new(body.into());
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_positive_decimal_i64() {
+        assert_eq!(parse_id("17"), Some(17));
+        assert_eq!(parse_id("9223372036854775807"), Some(i64::MAX));
+        for bad in [
+            "",
+            "0",
+            "-1",
+            "+1",
+            "1.5",
+            "abc",
+            "1e3",
+            "9223372036854775808",
+            " 1",
+        ] {
+            assert_eq!(parse_id(bad), None, "{bad:?}");
+        }
+    }
+
+    fn post(content_type: Option<&str>, body: &'static str) -> Request {
+        let mut b = http::Request::builder().method("POST").uri("/x");
+        if let Some(ct) = content_type {
+            b = b.header(header::CONTENT_TYPE, ct);
+        }
+        b.body(Bytes::from_static(body.as_bytes())).unwrap()
+    }
+
+    #[derive(serde::Deserialize, Debug)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)]
+    struct Shape {
+        items: Vec<Line>,
+    }
+    #[derive(serde::Deserialize, Debug)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)]
+    struct Line {
+        quantity: i64,
+    }
+
+    #[test]
+    fn shape_errors_name_the_field() {
+        let e = json_body::<Shape>(&post(
+            Some("application/json"),
+            r#"{"items":[{"quantity":null}]}"#,
+        ))
+        .unwrap_err();
+        assert_eq!(e.code(), "invalid_request");
+        assert!(e.to_string().starts_with("items[0].quantity:"), "{e}");
+    }
+
+    #[test]
+    fn syntax_errors_are_invalid_json() {
+        let e = json_body::<Shape>(&post(Some("application/json"), r#"{"items":"#)).unwrap_err();
+        assert_eq!(e.code(), "invalid_json");
+        let e =
+            json_body::<Shape>(&post(Some("application/json"), r#"{"items":[]} x"#)).unwrap_err();
+        assert_eq!(e.code(), "invalid_json");
+    }
+
+    #[test]
+    fn content_type_must_be_json() {
+        assert_eq!(
+            json_body::<Shape>(&post(None, "{}")).unwrap_err().code(),
+            "unsupported_media_type"
+        );
+        assert_eq!(
+            json_body::<Shape>(&post(Some("text/plain"), "{}"))
+                .unwrap_err()
+                .code(),
+            "unsupported_media_type"
+        );
+        assert!(
+            json_body::<Shape>(&post(
+                Some("application/json; charset=utf-8"),
+                r#"{"items":[]}"#
+            ))
+            .is_ok()
+        );
+    }
+}

@@ -1,0 +1,159 @@
+//! Routing: `(method, path pattern)` → handler, the one place a request finds its function.
+//!
+//! Every function crate exports `routes()`; a deployed function mounts its own, the local
+//! runner and the tests mount them all. `/healthz` is answered here for every function.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{Method, StatusCode, header};
+
+use crate::config::Config;
+use crate::db::Pool;
+use crate::error::ApiError;
+
+/// A request whose body has already been read (and capped) by the runtime.
+pub type Request = http::Request<Bytes>;
+pub type Response = http::Response<Bytes>;
+pub type HandlerResult = Result<Response, ApiError>;
+pub type HandlerFuture = Pin<Box<dyn Future<Output = HandlerResult> + Send>>;
+pub type Handler = fn(Request, AppState) -> HandlerFuture;
+
+/// What every handler gets: the pool and the settings. Cheap to clone (both are shared).
+#[derive(Clone)]
+pub struct AppState {
+    pub pool: Pool,
+    pub config: Arc<Config>,
+}
+
+/// One `(method, pattern)` a function answers. Patterns are literal segments and `{name}`
+/// placeholders, e.g. `/orders/{id}`.
+#[derive(Clone)]
+pub struct Route {
+    pub method: Method,
+    pub pattern: &'static str,
+    pub handler: Handler,
+}
+
+impl Route {
+    pub fn new(method: Method, pattern: &'static str, handler: Handler) -> Self {
+        Self {
+            method,
+            pattern,
+            handler,
+        }
+    }
+
+    /// The captured placeholders if `path` fits the pattern.
+    fn capture(&self, path: &str) -> Option<PathParams> {
+        let mut params = Vec::new();
+        let mut got = path.trim_start_matches('/').split('/');
+        for want in self.pattern.trim_start_matches('/').split('/') {
+            let segment = got.next()?;
+            match want.strip_prefix('{').and_then(|w| w.strip_suffix('}')) {
+                Some(name) if !segment.is_empty() => params.push((name, segment.to_owned())),
+                Some(_) => return None,
+                None if want == segment => {}
+                None => return None,
+            }
+        }
+        got.next().is_none().then_some(PathParams(params))
+    }
+}
+
+/// Placeholders captured from the path, put in the request's extensions for the handler.
+#[derive(Debug, Clone, Default)]
+pub struct PathParams(Vec<(&'static str, String)>);
+
+impl PathParams {
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.0
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+#[derive(Clone, Default)]
+pub struct Router {
+    routes: Vec<Route>,
+}
+
+impl Router {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds a function's routes.
+    pub fn mount(mut self, routes: impl IntoIterator<Item = Route>) -> Self {
+        self.routes.extend(routes);
+        self
+    }
+
+    pub fn routes(&self) -> &[Route] {
+        &self.routes
+    }
+
+    /// Finds the handler for the request, or says 404 / 405 (with the methods the path allows).
+    pub async fn dispatch(&self, mut request: Request, state: AppState) -> HandlerResult {
+        let path = request.uri().path().to_owned();
+        if path == "/healthz" {
+            return match *request.method() {
+                Method::GET | Method::HEAD => health(&state).await,
+                _ => Err(ApiError::MethodNotAllowed(vec![Method::GET, Method::HEAD])),
+            };
+        }
+        let mut allowed = Vec::new();
+        for route in &self.routes {
+            if let Some(params) = route.capture(&path) {
+                if route.method == request.method() {
+                    request.extensions_mut().insert(params);
+                    return (route.handler)(request, state).await;
+                }
+                allowed.push(route.method.clone());
+            }
+        }
+        if allowed.is_empty() {
+            Err(ApiError::NotFound)
+        } else {
+            Err(ApiError::MethodNotAllowed(allowed))
+        }
+    }
+}
+
+/// The readiness probe: 200 `ok` when Postgres answers a query, 503 otherwise.
+async fn health(state: &AppState) -> HandlerResult {
+    let conn = state.pool.get().await?;
+    conn.simple_query("").await?;
+    Ok(http::Response::builder()
+        .status(StatusCode::OK)
+        .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
+        .body(Bytes::from_static(b"ok"))
+        .expect("static response is valid"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn never(_: Request, _: AppState) -> HandlerFuture {
+        unreachable!()
+    }
+
+    #[test]
+    fn patterns_capture_placeholders_and_reject_extra_segments() {
+        let r = Route::new(Method::GET, "/orders/{id}", never);
+        assert_eq!(r.capture("/orders/17").unwrap().get("id"), Some("17"));
+        assert!(r.capture("/orders").is_none());
+        assert!(r.capture("/orders/").is_none());
+        assert!(r.capture("/orders/17/items").is_none());
+        assert!(r.capture("/products/17").is_none());
+        let c = Route::new(Method::POST, "/orders/{id}/cancel", never);
+        assert_eq!(c.capture("/orders/9/cancel").unwrap().get("id"), Some("9"));
+        let root = Route::new(Method::POST, "/", never);
+        assert!(root.capture("/").is_some());
+        assert!(root.capture("/x").is_none());
+    }
+}

@@ -1,0 +1,241 @@
+//! The hyper server every function runs in: listener on `$HOST:$PORT`, body cap, request id,
+//! access log, and graceful shutdown on SIGTERM or Ctrl-C (the Knative runtime contract).
+
+use std::convert::Infallible;
+use std::hash::{BuildHasher, RandomState};
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::{HeaderValue, header};
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+
+use crate::config::Config;
+use crate::db;
+use crate::error::ApiError;
+use crate::router::{AppState, Route, Router};
+use crate::telemetry;
+
+/// Bodies larger than this are refused with 413 before they are read into memory.
+pub const BODY_LIMIT: usize = 64 * 1024;
+
+const REQUEST_ID: &str = "x-request-id";
+
+/// The whole life of a deployed function: config, telemetry, lazy pool, serve until SIGTERM.
+/// Each function's `main` is one call to this.
+pub fn run(name: &'static str, routes: Vec<Route>) -> ExitCode {
+    let config = match Config::from_env() {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("{name}: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    telemetry::init(&config.log_level);
+    let pool = match db::lazy_pool(&config, name) {
+        Ok(pool) => pool,
+        Err(e) => {
+            eprintln!("{name}: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("{name}: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let addr = SocketAddr::new(config.host, config.port);
+    let state = AppState {
+        pool,
+        config: Arc::new(config),
+    };
+    let router = Router::new().mount(routes);
+    runtime.block_on(async move {
+        let listener = match TcpListener::bind(addr).await {
+            Ok(listener) => listener,
+            Err(e) => {
+                eprintln!("{name}: cannot listen on {addr}: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        tracing::info!(function = name, %addr, "listening");
+        serve(listener, router, state, shutdown_signal()).await;
+        tracing::info!(function = name, "stopped");
+        ExitCode::SUCCESS
+    })
+}
+
+/// Resolves on SIGTERM (what Kubernetes sends) or Ctrl-C.
+pub async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("installing a SIGTERM handler cannot fail on Unix");
+        tokio::select! {
+            _ = ctrl_c => {},
+            _ = term.recv() => {},
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+/// Serves `router` on `listener` until `shutdown` resolves, then stops accepting and waits
+/// (up to the configured grace) for in-flight requests to finish.
+pub async fn serve(
+    listener: TcpListener,
+    router: Router,
+    state: AppState,
+    shutdown: impl Future<Output = ()>,
+) {
+    let grace = state.config.shutdown_grace();
+    let router = Arc::new(router);
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    // A timer makes hyper's header-read timeout effective: a client that never finishes its
+    // headers cannot hold a connection forever.
+    builder.http1().timer(TokioTimer::new());
+    let graceful = GracefulShutdown::new();
+    tokio::pin!(shutdown);
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Usually EMFILE: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let router = router.clone();
+        let state = state.clone();
+        let service = service_fn(move |request| {
+            let router = router.clone();
+            let state = state.clone();
+            async move { Ok::<_, Infallible>(answer(request, &router, state).await) }
+        });
+        let connection = builder
+            .serve_connection(TokioIo::new(stream), service)
+            .into_owned();
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    tracing::info!(
+        grace_secs = grace.as_secs(),
+        "shutting down: draining in-flight requests"
+    );
+    if tokio::time::timeout(grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("grace period over with requests still in flight");
+    }
+}
+
+/// One request, start to finish: id, body, dispatch, error mapping, access log.
+async fn answer(
+    request: hyper::Request<Incoming>,
+    router: &Router,
+    state: AppState,
+) -> hyper::Response<Full<Bytes>> {
+    let started = Instant::now();
+    let request_id = request
+        .headers()
+        .get(REQUEST_ID)
+        .filter(|v| is_reasonable_id(v))
+        .cloned()
+        .unwrap_or_else(new_request_id);
+    let method = request.method().clone();
+    let path = request.uri().path().to_owned();
+
+    let result = match read_body(request).await {
+        Ok(request) => router.dispatch(request, state).await,
+        Err(e) => Err(e),
+    };
+    let mut response = result.unwrap_or_else(|e| {
+        if let Some(cause) = e.internal_cause() {
+            tracing::error!(
+                request_id = request_id.to_str().unwrap_or(""),
+                error = e.code(),
+                cause,
+                "request failed"
+            );
+        }
+        e.into_response()
+    });
+    response
+        .headers_mut()
+        .insert(REQUEST_ID, request_id.clone());
+    tracing::info!(
+        method = method.as_str(),
+        path,
+        status = response.status().as_u16(),
+        latency_us = started.elapsed().as_micros() as u64,
+        request_id = request_id.to_str().unwrap_or(""),
+        "request"
+    );
+    response.map(Full::new)
+}
+
+/// Reads the body into memory, refusing more than [`BODY_LIMIT`] bytes.
+async fn read_body(request: hyper::Request<Incoming>) -> Result<crate::Request, ApiError> {
+    let declared = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > BODY_LIMIT as u64) {
+        return Err(ApiError::PayloadTooLarge { limit: BODY_LIMIT });
+    }
+    let (parts, body) = request.into_parts();
+    let bytes = Limited::new(body, BODY_LIMIT)
+        .collect()
+        .await
+        .map_err(|e| {
+            if e.downcast_ref::<LengthLimitError>().is_some() {
+                ApiError::PayloadTooLarge { limit: BODY_LIMIT }
+            } else {
+                ApiError::InvalidRequest(format!("the body could not be read: {e}"))
+            }
+        })?
+        .to_bytes();
+    Ok(http::Request::from_parts(parts, bytes))
+}
+
+/// A caller's id is kept if it is short visible ASCII, so it cannot smuggle anything into logs.
+fn is_reasonable_id(value: &HeaderValue) -> bool {
+    let bytes = value.as_bytes();
+    !bytes.is_empty() && bytes.len() <= 128 && bytes.iter().all(|b| b.is_ascii_graphic())
+}
+
+/// 16 hex digits, unique per process and unpredictable across processes; no syscall per call.
+fn new_request_id() -> HeaderValue {
+    static SEED: std::sync::OnceLock<RandomState> = std::sync::OnceLock::new();
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let id = SEED.get_or_init(RandomState::new).hash_one(n);
+    HeaderValue::from_str(&format!("{id:016x}")).expect("hex is a valid header value")
+}
