@@ -5,6 +5,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tally_shared::devdb::PrivatePostgres;
 use tally_shared::{AppState, Config, Router, db, migrate, runtime, telemetry};
@@ -15,6 +16,7 @@ pub fn router() -> Router {
         .mount(list_products::routes())
         .mount(create_order::routes())
         .mount(get_order::routes())
+        .mount(cancel_order::routes())
 }
 
 /// Where the private cluster keeps its data unless `TALLY_DATA_DIR` says otherwise: inside the
@@ -144,12 +146,36 @@ async fn serve(config: Config) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let processor = match process_orders::ProcessorConfig::from_env() {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("tally: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let every = std::env::var("PROCESS_EVERY_MS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(1000);
+    // The order processor runs beside the API, as its own Knative function would.
+    let worker = (every > 0).then(|| {
+        tokio::spawn(process_orders::run_every(
+            pool.clone(),
+            processor,
+            Arc::new(process_orders::ConfirmAll),
+            Duration::from_millis(every),
+            std::future::pending(),
+        ))
+    });
     let state = AppState {
         pool,
         config: Arc::new(config),
     };
     eprintln!("tally: API on http://{addr}  (database {})", redact(&url));
     runtime::serve(listener, router(), state, runtime::shutdown_signal()).await;
+    if let Some(worker) = worker {
+        worker.abort();
+    }
     ExitCode::SUCCESS
 }
 

@@ -33,6 +33,35 @@ const REQUEST_ID: &str = "x-request-id";
 /// The whole life of a deployed function: config, telemetry, lazy pool, serve until SIGTERM.
 /// Each function's `main` is one call to this.
 pub fn run(name: &'static str, routes: Vec<Route>) -> ExitCode {
+    run_worker(name, move |state| async move {
+        let addr = SocketAddr::new(state.config.host, state.config.port);
+        let listener = match TcpListener::bind(addr).await {
+            Ok(listener) => listener,
+            Err(e) => {
+                eprintln!("{name}: cannot listen on {addr}: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        tracing::info!(function = name, %addr, "listening");
+        serve(
+            listener,
+            Router::new().mount(routes),
+            state,
+            shutdown_signal(),
+        )
+        .await;
+        tracing::info!(function = name, "stopped");
+        ExitCode::SUCCESS
+    })
+}
+
+/// Like [`run`], for a process that does something other than serve HTTP (the order
+/// processor's loop): the same config, telemetry and pool, then `work` until it returns.
+pub fn run_worker<F, Fut>(name: &'static str, work: F) -> ExitCode
+where
+    F: FnOnce(AppState) -> Fut,
+    Fut: Future<Output = ExitCode>,
+{
     let config = match Config::from_env() {
         Ok(config) => config,
         Err(e) => {
@@ -58,25 +87,11 @@ pub fn run(name: &'static str, routes: Vec<Route>) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let addr = SocketAddr::new(config.host, config.port);
     let state = AppState {
         pool,
         config: Arc::new(config),
     };
-    let router = Router::new().mount(routes);
-    runtime.block_on(async move {
-        let listener = match TcpListener::bind(addr).await {
-            Ok(listener) => listener,
-            Err(e) => {
-                eprintln!("{name}: cannot listen on {addr}: {e}");
-                return ExitCode::FAILURE;
-            }
-        };
-        tracing::info!(function = name, %addr, "listening");
-        serve(listener, router, state, shutdown_signal()).await;
-        tracing::info!(function = name, "stopped");
-        ExitCode::SUCCESS
-    })
+    runtime.block_on(work(state))
 }
 
 /// Resolves on SIGTERM (what Kubernetes sends) or Ctrl-C.

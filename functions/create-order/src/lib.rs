@@ -1,10 +1,13 @@
 //! `create-order`: `POST /orders`. Parses and checks the order, then places it with one call
 //! to the `place_order` SQL function: one round trip, one transaction, never an oversell.
+//! With an `Idempotency-Key` the call is `place_order_keyed`, which stores the response with
+//! the order, and replays it for a repeat of the same request.
 
 use std::collections::BTreeMap;
 
-use http::{HeaderValue, Method, StatusCode, header};
+use http::{HeaderName, HeaderValue, Method, StatusCode, header};
 use serde::Deserialize;
+use sha2::{Digest, Sha256};
 use tally_shared::http::{json_body, raw_json_response};
 use tally_shared::router::HandlerResult;
 use tally_shared::{ApiError, AppState, Request, Route};
@@ -84,7 +87,90 @@ impl TryFrom<OrderBody> for OrderRequest {
     }
 }
 
+impl OrderRequest {
+    /// A hash of the request as the API understands it: method, path and the canonical body
+    /// (lines merged and sorted), so reformatted JSON or reordered lines are the same request.
+    fn fingerprint(&self) -> String {
+        let mut hash = Sha256::new();
+        hash.update(b"POST /orders\n");
+        hash.update(format!("user_id={}", self.user_id));
+        for (product_id, quantity) in self.product_ids.iter().zip(&self.quantities) {
+            hash.update(format!(";{product_id}x{quantity}"));
+        }
+        hash.finalize().iter().map(|b| format!("{b:02x}")).collect()
+    }
+}
+
+pub const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
+pub const IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
+
+/// The `Idempotency-Key` header, if sent: 1 to 255 printable ASCII characters.
+fn idempotency_key(request: &Request) -> Result<Option<String>, ApiError> {
+    let Some(value) = request.headers().get(&IDEMPOTENCY_KEY) else {
+        return Ok(None);
+    };
+    let bytes = value.as_bytes();
+    if bytes.is_empty() || bytes.len() > 255 || !bytes.iter().all(|b| (0x20..=0x7e).contains(b)) {
+        return Err(ApiError::InvalidRequest(
+            "Idempotency-Key must be 1 to 255 printable ASCII characters".into(),
+        ));
+    }
+    Ok(Some(String::from_utf8_lossy(bytes).into_owned()))
+}
+
 const PLACE_ORDER_SQL: &str = "SELECT outcome, order_id, body FROM place_order($1, $2, $3)";
+const PLACE_ORDER_KEYED_SQL: &str =
+    "SELECT outcome, order_id, body FROM place_order_keyed($1, $2, $3, $4, $5)";
+
+pub async fn create_order(request: Request, state: AppState) -> HandlerResult {
+    let order = OrderRequest::try_from(json_body::<OrderBody>(&request)?)?;
+    let key = idempotency_key(&request)?;
+    let conn = state.pool.get().await?;
+    // query_typed sends parse, bind and execute together with an unnamed statement: one round
+    // trip, and nothing left prepared on the server (safe behind PgBouncer in transaction mode).
+    let order_params: [(&(dyn tokio_postgres::types::ToSql + Sync), Type); 3] = [
+        (&order.user_id, Type::INT8),
+        (&order.product_ids, Type::INT8_ARRAY),
+        (&order.quantities, Type::INT4_ARRAY),
+    ];
+    let rows = match &key {
+        None => conn.query_typed(PLACE_ORDER_SQL, &order_params).await?,
+        Some(key) => {
+            let fingerprint = order.fingerprint();
+            let mut params = order_params.to_vec();
+            params.push((key, Type::TEXT));
+            params.push((&fingerprint, Type::TEXT));
+            conn.query_typed(PLACE_ORDER_KEYED_SQL, &params).await?
+        }
+    };
+    drop(conn);
+    let row = rows
+        .first()
+        .ok_or_else(|| ApiError::Internal("place_order returned no row".into()))?;
+    let outcome: &str = row.get(0);
+    let body: Option<String> = row.get(2);
+    match outcome {
+        "created" | "replayed" => {
+            let order_id: i64 = row.get(1);
+            let mut response = raw_json_response(StatusCode::CREATED, body.unwrap_or_default());
+            let headers = response.headers_mut();
+            headers.insert(
+                header::LOCATION,
+                HeaderValue::from_str(&format!("/orders/{order_id}"))
+                    .expect("a path of digits is a valid header"),
+            );
+            if outcome == "replayed" {
+                headers.insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
+            }
+            Ok(response)
+        }
+        "idempotency_key_reused" => Err(ApiError::IdempotencyKeyReused(
+            "this Idempotency-Key was used for a different request".into(),
+        )),
+        "idempotency_key_in_flight" => Err(ApiError::IdempotencyKeyInFlight),
+        rejected => Err(rejection(rejected, body.as_deref().unwrap_or("{}"))),
+    }
+}
 
 /// The details `place_order` returns with an error outcome.
 #[derive(Deserialize, Default)]
@@ -96,40 +182,12 @@ struct Rejection {
     available: i64,
 }
 
-pub async fn create_order(request: Request, state: AppState) -> HandlerResult {
-    let order = OrderRequest::try_from(json_body::<OrderBody>(&request)?)?;
-    let conn = state.pool.get().await?;
-    // query_typed sends parse, bind and execute together with an unnamed statement: one round
-    // trip, and nothing left prepared on the server (safe behind PgBouncer in transaction mode).
-    let rows = conn
-        .query_typed(
-            PLACE_ORDER_SQL,
-            &[
-                (&order.user_id, Type::INT8),
-                (&order.product_ids, Type::INT8_ARRAY),
-                (&order.quantities, Type::INT4_ARRAY),
-            ],
-        )
-        .await?;
-    drop(conn);
-    let row = rows
-        .first()
-        .ok_or_else(|| ApiError::Internal("place_order returned no row".into()))?;
-    let outcome: &str = row.get(0);
-    let body: String = row.get(2);
-    if outcome == "created" {
-        let order_id: i64 = row.get(1);
-        let mut response = raw_json_response(StatusCode::CREATED, body);
-        response.headers_mut().insert(
-            header::LOCATION,
-            HeaderValue::from_str(&format!("/orders/{order_id}"))
-                .expect("a path of digits is a valid header"),
-        );
-        return Ok(response);
-    }
-    let r: Rejection = serde_json::from_str(&body)
-        .map_err(|e| ApiError::Internal(format!("place_order details {body:?}: {e}")))?;
-    Err(match outcome {
+fn rejection(outcome: &str, details: &str) -> ApiError {
+    let r: Rejection = match serde_json::from_str(details) {
+        Ok(r) => r,
+        Err(e) => return ApiError::Internal(format!("place_order details {details:?}: {e}")),
+    };
+    match outcome {
         "insufficient_inventory" => ApiError::InsufficientInventory {
             product_id: r.product_id,
             requested: r.requested,
@@ -140,7 +198,7 @@ pub async fn create_order(request: Request, state: AppState) -> HandlerResult {
             product_id: r.product_id,
         },
         other => ApiError::Internal(format!("place_order outcome {other:?}")),
-    })
+    }
 }
 
 #[cfg(test)]
@@ -156,6 +214,16 @@ mod tests {
         let o = parse(r#"{"user_id":1,"items":[{"product_id":3,"quantity":2},{"product_id":1,"quantity":1},{"product_id":3,"quantity":5}]}"#).unwrap();
         assert_eq!(o.product_ids, vec![1, 3]);
         assert_eq!(o.quantities, vec![1, 7]);
+    }
+
+    #[test]
+    fn the_fingerprint_ignores_line_order_and_formatting_but_not_content() {
+        let a = parse(r#"{"user_id":1,"items":[{"product_id":1,"quantity":1},{"product_id":2,"quantity":2}]}"#).unwrap();
+        let b = parse(r#"{ "items": [{"quantity":2,"product_id":2}, {"product_id":1,"quantity":1}], "user_id": 1 }"#).unwrap();
+        let c = parse(r#"{"user_id":1,"items":[{"product_id":1,"quantity":1},{"product_id":2,"quantity":3}]}"#).unwrap();
+        assert_eq!(a.fingerprint(), b.fingerprint());
+        assert_ne!(a.fingerprint(), c.fingerprint());
+        assert_eq!(a.fingerprint().len(), 64);
     }
 
     #[test]

@@ -7,9 +7,9 @@ use std::time::{Duration, Instant};
 use tally_shared::devdb::PrivatePostgres;
 use tokio_postgres::NoTls;
 
-use crate::helpers::{TestApp, fresh_database};
+use crate::helpers::{TestApp, admin_url, fresh_database};
 
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -99,34 +99,20 @@ async fn postgres_down_means_503_within_the_bound_then_recovery_in_the_same_proc
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_lets_in_flight_requests_finish_then_exits_0() {
-    let admin = std::env::var("TEST_DATABASE_URL").ok();
-    // The shared test server when there is one, else a cluster of this test's own.
-    let own = match admin {
-        Some(_) => None,
-        None => Some(
-            tokio::task::spawn_blocking(OwnCluster::start)
-                .await
-                .unwrap(),
-        ),
-    };
-    let server_url = admin.unwrap_or_else(|| own.as_ref().unwrap().cluster.url("postgres"));
-    let db_url = fresh_database(&server_url).await;
+    let db_url = fresh_database(admin_url()).await;
     let port = free_port();
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_tally"))
         .env("DATABASE_URL", &db_url)
         .env("PORT", port.to_string())
         .env("POOL_SIZE", "4")
         .env("POOL_TIMEOUT_MS", "20000")
+        .env("PROCESS_EVERY_MS", "0")
         .env("LOG_LEVEL", "warn")
         .stdout(std::process::Stdio::null())
         .spawn()
         .unwrap();
     let app = TestApp::attach(port, &db_url).await;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while app.try_get("/healthz").await != Some(200) {
-        assert!(Instant::now() < deadline, "the runner did not come up");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    app.wait_until_up().await;
 
     // Hold the product's row lock so that the orders below stay in flight.
     let (locker, conn) = tokio_postgres::connect(&db_url, NoTls).await.unwrap();
@@ -145,7 +131,7 @@ async fn sigterm_lets_in_flight_requests_finish_then_exits_0() {
     // Four (the pool) wait on the lock, the rest wait for a connection.
     let deadline = Instant::now() + Duration::from_secs(10);
     while app
-        .count("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'")
+        .count("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'")
         .await
         < 4
     {
@@ -181,5 +167,4 @@ async fn sigterm_lets_in_flight_requests_finish_then_exits_0() {
     assert_eq!(status.code(), Some(0));
     assert_eq!(app.inventory(1).await, 38);
     app.assert_books_balance().await;
-    drop(own);
 }

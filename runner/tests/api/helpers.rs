@@ -18,7 +18,7 @@ use tokio_postgres::NoTls;
 
 /// The server that hosts the test databases: `TEST_DATABASE_URL`, or a private cluster under
 /// `target/` started once and left running for the next run.
-fn admin_url() -> &'static str {
+pub fn admin_url() -> &'static str {
     static URL: OnceLock<String> = OnceLock::new();
     URL.get_or_init(|| {
         tally_shared::telemetry::init_for_tests();
@@ -110,6 +110,7 @@ pub fn random_u64() -> u64 {
 
 pub struct TestApp {
     pub addr: SocketAddr,
+    pub db_url: String,
     pub db: tokio_postgres::Client,
     client: Client<HttpConnector, Full<Bytes>>,
 }
@@ -200,7 +201,12 @@ impl TestApp {
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(30))
             .build_http();
-        Self { addr, db, client }
+        Self {
+            addr,
+            db_url,
+            db,
+            client,
+        }
     }
 
     /// A client for a server running elsewhere (a spawned binary) on 127.0.0.1:`port`.
@@ -214,6 +220,7 @@ impl TestApp {
         let client = Client::builder(TokioExecutor::new()).build_http();
         Self {
             addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            db_url: db_url.to_owned(),
             db,
             client,
         }
@@ -257,6 +264,38 @@ impl TestApp {
         }
     }
 
+    /// Waits (up to 20 s) until `/healthz` answers 200.
+    pub async fn wait_until_up(&self) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while self.try_get("/healthz").await != Some(200) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the server did not come up"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// A keyed order's status, or None when the connection fails (the server was killed).
+    pub async fn try_order_keyed(
+        &self,
+        user_id: i64,
+        lines: &[(i64, i64)],
+        key: &str,
+    ) -> Option<u16> {
+        let request = http::Request::post(format!("http://{}/orders", self.addr))
+            .header("content-type", "application/json")
+            .header("idempotency-key", key)
+            .body(Full::new(Bytes::from(
+                order_body(user_id, lines).to_string(),
+            )))
+            .unwrap();
+        let response = self.client.request(request).await.ok()?;
+        let status = response.status().as_u16();
+        response.into_body().collect().await.ok()?;
+        Some(status)
+    }
+
     pub async fn get(&self, path: &str) -> TestResponse {
         self.request(Method::GET, path, &[], Bytes::new()).await
     }
@@ -280,6 +319,20 @@ impl TestApp {
         self.post_json(
             "/orders",
             &serde_json::json!({"user_id": user_id, "items": items}),
+        )
+        .await
+    }
+
+    /// Places an order with an `Idempotency-Key`.
+    pub async fn order_keyed(&self, user_id: i64, lines: &[(i64, i64)], key: &str) -> TestResponse {
+        self.request(
+            Method::POST,
+            "/orders",
+            &[
+                ("content-type", "application/json"),
+                ("idempotency-key", key),
+            ],
+            order_body(user_id, lines).to_string(),
         )
         .await
     }
@@ -362,4 +415,13 @@ impl TestApp {
             );
         }
     }
+}
+
+/// `{"user_id": .., "items": [{"product_id": .., "quantity": ..}, ..]}`
+pub fn order_body(user_id: i64, lines: &[(i64, i64)]) -> Value {
+    let items: Vec<Value> = lines
+        .iter()
+        .map(|(p, q)| serde_json::json!({"product_id": p, "quantity": q}))
+        .collect();
+    serde_json::json!({"user_id": user_id, "items": items})
 }

@@ -4,6 +4,8 @@
 mod bad_input;
 mod faults;
 mod helpers;
+mod lifecycle;
 mod orders;
+mod processor;
 mod products;
 mod storms;

@@ -1,0 +1,298 @@
+//! `process-orders`: moves PENDING orders on. One sweep:
+//! 1. expires PENDING orders older than `ORDER_TTL_SECS` that nobody holds (FAILED, restocked);
+//! 2. claims a batch with `FOR UPDATE SKIP LOCKED`, setting a lease, and commits the claim;
+//! 3. runs the fulfilment step for each claimed order outside any transaction;
+//! 4. records the outcomes (CONFIRMED; FAILED with restock; or lease released for a retry);
+//! 5. deletes idempotency keys older than `IDEMPOTENCY_RETENTION_SECS`.
+//!
+//! Many processors may run at once: a claimed order is invisible to the others until its lease
+//! runs out, and every status change is guarded by the status it expects.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::process::ExitCode;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use http::{Method, StatusCode};
+use serde::{Deserialize, Serialize};
+use tally_shared::http::json_response;
+use tally_shared::router::HandlerResult;
+use tally_shared::{ApiError, AppState, Pool, Request, Route, runtime};
+use tokio_postgres::types::Type;
+
+/// The processor's own settings, from the environment.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ProcessorConfig {
+    /// A PENDING order older than this is expired (its reservation lapses).
+    #[serde(default = "defaults::order_ttl_secs")]
+    pub order_ttl_secs: f64,
+    /// How long a claim keeps other processors away while the step runs.
+    #[serde(default = "defaults::claim_lease_secs")]
+    pub claim_lease_secs: f64,
+    #[serde(default = "defaults::batch_size")]
+    pub process_batch_size: i64,
+    #[serde(default = "defaults::retention_secs")]
+    pub idempotency_retention_secs: f64,
+}
+
+mod defaults {
+    pub fn order_ttl_secs() -> f64 {
+        15.0 * 60.0
+    }
+    pub fn claim_lease_secs() -> f64 {
+        60.0
+    }
+    pub fn batch_size() -> i64 {
+        100
+    }
+    pub fn retention_secs() -> f64 {
+        24.0 * 3600.0
+    }
+}
+
+impl ProcessorConfig {
+    pub fn from_env() -> Result<Self, String> {
+        envy::from_env::<Self>().map_err(|e| format!("configuration error: {e}"))
+    }
+}
+
+impl Default for ProcessorConfig {
+    fn default() -> Self {
+        Self {
+            order_ttl_secs: defaults::order_ttl_secs(),
+            claim_lease_secs: defaults::claim_lease_secs(),
+            process_batch_size: defaults::batch_size(),
+            idempotency_retention_secs: defaults::retention_secs(),
+        }
+    }
+}
+
+/// An order the processor holds the lease on.
+#[derive(Debug, Clone)]
+pub struct ClaimedOrder {
+    pub id: i64,
+    pub user_id: i64,
+    pub total_cents: i64,
+}
+
+/// What the fulfilment step decided for one order.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StepOutcome {
+    Confirmed,
+    /// The order cannot be fulfilled: FAILED, stock returned.
+    Failed(String),
+    /// Try again on a later sweep (until the order's TTL expires it).
+    RetryLater(String),
+}
+
+pub type StepFuture<'a> = Pin<Box<dyn Future<Output = StepOutcome> + Send + 'a>>;
+
+/// The pluggable payment/fulfilment step. It runs with no transaction open and no lock held.
+pub trait FulfilmentStep: Send + Sync {
+    fn run<'a>(&'a self, order: &'a ClaimedOrder) -> StepFuture<'a>;
+}
+
+/// The default step: every order is confirmed.
+pub struct ConfirmAll;
+
+impl FulfilmentStep for ConfirmAll {
+    fn run<'a>(&'a self, _order: &'a ClaimedOrder) -> StepFuture<'a> {
+        Box::pin(async { StepOutcome::Confirmed })
+    }
+}
+
+/// What one sweep did; the HTTP function returns it as JSON.
+#[derive(Debug, Default, Clone, PartialEq, Serialize)]
+pub struct SweepSummary {
+    pub claimed: u64,
+    pub confirmed: u64,
+    pub failed: u64,
+    pub retried: u64,
+    pub expired: u64,
+    pub keys_deleted: u64,
+}
+
+impl SweepSummary {
+    fn is_idle(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
+const EXPIRE_SQL: &str = "SELECT expire_one_order($1)";
+const CLAIM_SQL: &str = "UPDATE orders o \
+     SET claimed_until = now() + make_interval(secs => $2), attempts = o.attempts + 1 \
+     WHERE o.id IN (SELECT id FROM orders \
+                    WHERE status = 'PENDING' \
+                      AND created_at >= now() - make_interval(secs => $1) \
+                      AND (claimed_until IS NULL OR claimed_until < now()) \
+                    ORDER BY id LIMIT $3 FOR UPDATE SKIP LOCKED) \
+     RETURNING o.id, o.user_id, o.total_cents";
+const CONFIRM_SQL: &str = "UPDATE orders SET status = 'CONFIRMED', claimed_until = NULL, \
+     updated_at = now() WHERE id = ANY($1) AND status = 'PENDING'";
+const FAIL_SQL: &str = "SELECT outcome FROM release_order($1, 'FAILED', 'failure')";
+const RETRY_SQL: &str = "UPDATE orders SET claimed_until = NULL, last_error = $2 \
+     WHERE id = $1 AND status = 'PENDING'";
+const FORGET_KEYS_SQL: &str =
+    "DELETE FROM idempotency_keys WHERE created_at < now() - make_interval(secs => $1)";
+
+/// One sweep. Each statement is its own short transaction; the step runs between them.
+pub async fn sweep(
+    pool: &Pool,
+    config: &ProcessorConfig,
+    step: &dyn FulfilmentStep,
+) -> Result<SweepSummary, ApiError> {
+    let mut summary = SweepSummary::default();
+    let conn = pool.get().await?;
+    for _ in 0..config.process_batch_size {
+        let row = conn
+            .query_typed(EXPIRE_SQL, &[(&config.order_ttl_secs, Type::FLOAT8)])
+            .await?;
+        match row.first().and_then(|r| r.get::<_, Option<i64>>(0)) {
+            Some(_) => summary.expired += 1,
+            None => break,
+        }
+    }
+    let claimed: Vec<ClaimedOrder> = conn
+        .query_typed(
+            CLAIM_SQL,
+            &[
+                (&config.order_ttl_secs, Type::FLOAT8),
+                (&config.claim_lease_secs, Type::FLOAT8),
+                (&config.process_batch_size, Type::INT8),
+            ],
+        )
+        .await?
+        .iter()
+        .map(|r| ClaimedOrder {
+            id: r.get(0),
+            user_id: r.get(1),
+            total_cents: r.get(2),
+        })
+        .collect();
+    // The connection goes back to the pool while the steps run.
+    drop(conn);
+    summary.claimed = claimed.len() as u64;
+
+    let mut confirmed = Vec::new();
+    let mut failed = Vec::new();
+    let mut retry = Vec::new();
+    for order in &claimed {
+        match step.run(order).await {
+            StepOutcome::Confirmed => confirmed.push(order.id),
+            StepOutcome::Failed(reason) => failed.push((order.id, reason)),
+            StepOutcome::RetryLater(reason) => retry.push((order.id, reason)),
+        }
+    }
+
+    let conn = pool.get().await?;
+    if !confirmed.is_empty() {
+        summary.confirmed = conn
+            .execute_typed(CONFIRM_SQL, &[(&confirmed, Type::INT8_ARRAY)])
+            .await?;
+    }
+    for (id, reason) in failed {
+        let rows = conn.query_typed(FAIL_SQL, &[(&id, Type::INT8)]).await?;
+        if rows.first().map(|r| r.get::<_, &str>(0)) == Some("released") {
+            summary.failed += 1;
+        }
+        tracing::info!(order_id = id, reason, "order failed by the fulfilment step");
+    }
+    for (id, reason) in retry {
+        summary.retried += conn
+            .execute_typed(RETRY_SQL, &[(&id, Type::INT8), (&reason, Type::TEXT)])
+            .await?;
+    }
+    summary.keys_deleted = conn
+        .execute_typed(
+            FORGET_KEYS_SQL,
+            &[(&config.idempotency_retention_secs, Type::FLOAT8)],
+        )
+        .await?;
+    Ok(summary)
+}
+
+/// Sweeps every `every` until `shutdown` resolves; a failed sweep is logged and retried.
+pub async fn run_every(
+    pool: Pool,
+    config: ProcessorConfig,
+    step: Arc<dyn FulfilmentStep>,
+    every: Duration,
+    shutdown: impl Future<Output = ()>,
+) {
+    tokio::pin!(shutdown);
+    let mut ticks = tokio::time::interval(every);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = &mut shutdown => break,
+            _ = ticks.tick() => {}
+        }
+        match sweep(&pool, &config, step.as_ref()).await {
+            Ok(summary) if summary.is_idle() => {}
+            Ok(summary) => tracing::info!(?summary, "sweep"),
+            Err(e) => tracing::warn!(
+                error = e.code(),
+                cause = e.internal_cause().unwrap_or(""),
+                "sweep failed"
+            ),
+        }
+    }
+}
+
+fn config() -> &'static ProcessorConfig {
+    static CONFIG: OnceLock<ProcessorConfig> = OnceLock::new();
+    CONFIG.get_or_init(|| ProcessorConfig::from_env().unwrap_or_default())
+}
+
+/// POST / runs one sweep and answers its summary (for a Knative PingSource or a CronJob).
+pub fn routes() -> Vec<Route> {
+    vec![Route::new(Method::POST, "/", |r, s| {
+        Box::pin(sweep_once(r, s))
+    })]
+}
+
+async fn sweep_once(_request: Request, state: AppState) -> HandlerResult {
+    let summary = sweep(&state.pool, config(), &ConfirmAll).await?;
+    json_response(StatusCode::OK, &summary)
+}
+
+/// The binary's entry point: `--every DURATION` runs the loop, no arguments serves HTTP.
+pub fn main(mut args: impl Iterator<Item = String>) -> ExitCode {
+    let every = match (args.next().as_deref(), args.next()) {
+        (None, _) => None,
+        (Some("--every"), Some(value)) => match humantime::parse_duration(&value) {
+            Ok(d) if !d.is_zero() => Some(d),
+            _ => {
+                eprintln!("process-orders: --every takes a duration such as 1s or 500ms");
+                return ExitCode::FAILURE;
+            }
+        },
+        _ => {
+            eprintln!("usage: process-orders [--every DURATION]");
+            return ExitCode::FAILURE;
+        }
+    };
+    let processor = match ProcessorConfig::from_env() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("process-orders: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match every {
+        None => runtime::run("process-orders", routes()),
+        Some(every) => runtime::run_worker("process-orders", move |state| async move {
+            tracing::info!(every = ?every, "processing orders");
+            run_every(
+                state.pool,
+                processor,
+                Arc::new(ConfirmAll),
+                every,
+                runtime::shutdown_signal(),
+            )
+            .await;
+            ExitCode::SUCCESS
+        }),
+    }
+}
