@@ -7,6 +7,8 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tally_shared::auth::{self, Role};
+use tally_shared::config::Secret;
 use tally_shared::devdb::PrivatePostgres;
 use tally_shared::{AppState, Config, Router, db, migrate, runtime, telemetry};
 
@@ -17,6 +19,70 @@ pub fn router() -> Router {
         .mount(create_order::routes())
         .mount(get_order::routes())
         .mount(cancel_order::routes())
+        .mount(admin_products::routes())
+}
+
+/// `tally` runs the API; `tally token --sub ID [--role customer|admin] [--ttl 1h]` mints a
+/// token with the configured key.
+pub fn main(mut args: impl Iterator<Item = String>) -> ExitCode {
+    match args.next().as_deref() {
+        None => run(),
+        Some("token") => token(args),
+        Some(_) => {
+            eprintln!("usage: tally | tally token --sub ID [--role customer|admin] [--ttl 1h]");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn token(mut args: impl Iterator<Item = String>) -> ExitCode {
+    let (mut sub, mut role, mut ttl) = (None, Role::Customer, Duration::from_secs(3600));
+    while let Some(flag) = args.next() {
+        let value = args.next().unwrap_or_default();
+        let ok = match flag.as_str() {
+            "--sub" => {
+                sub = tally_shared::http::parse_id(&value);
+                sub.is_some()
+            }
+            "--role" => match value.as_str() {
+                "customer" => true,
+                "admin" => {
+                    role = Role::Admin;
+                    true
+                }
+                _ => false,
+            },
+            "--ttl" => humantime::parse_duration(&value).map(|d| ttl = d).is_ok(),
+            _ => false,
+        };
+        if !ok {
+            eprintln!("tally token: bad {flag} {value:?}");
+            return ExitCode::FAILURE;
+        }
+    }
+    let Some(sub) = sub else {
+        eprintln!("usage: tally token --sub ID [--role customer|admin] [--ttl 1h]");
+        return ExitCode::FAILURE;
+    };
+    let minted = Config::from_env().and_then(|c| auth::mint(&c, sub, role, ttl));
+    match minted {
+        Ok(token) => {
+            println!("{token}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("tally token: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// 32 random bytes from the kernel, hex: the runner's signing secret when none is configured.
+fn random_secret() -> std::io::Result<String> {
+    use std::io::Read;
+    let mut bytes = [0u8; 32];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
 
 /// Where the private cluster keeps its data unless `TALLY_DATA_DIR` says otherwise: inside the
@@ -45,6 +111,17 @@ pub fn run() -> ExitCode {
         config.host = IpAddr::V4(Ipv4Addr::LOCALHOST);
     }
     telemetry::init(&config.log_level);
+    // The runner uses the configured key when there is one (so scripts can mint their own
+    // tokens); otherwise a random secret for this run. Deployed functions have no such default.
+    if config.jwt_hs256_secret.is_none() && config.jwt_public_key_pem.is_none() {
+        match random_secret() {
+            Ok(secret) => config.jwt_hs256_secret = Some(Secret(secret)),
+            Err(e) => {
+                eprintln!("tally: cannot make a signing secret: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
 
     let private = if config.database_url.is_none() {
         match start_private_postgres() {
@@ -167,11 +244,26 @@ async fn serve(config: Config) -> ExitCode {
             std::future::pending(),
         ))
     });
-    let state = AppState {
-        pool,
-        config: Arc::new(config),
+    let demo_tokens = [
+        (1, Role::Customer, "TOKEN"),
+        (2, Role::Admin, "ADMIN_TOKEN"),
+    ]
+    .map(|(user, role, name)| {
+        auth::mint(&config, user, role, Duration::from_secs(24 * 3600))
+            .map(|t| format!("export {name}={t}   # user {user}, {role:?}"))
+            .unwrap_or_else(|e| format!("# no {name}: {e}"))
+    });
+    let state = match AppState::new(pool, config) {
+        Ok(state) => state,
+        Err(e) => {
+            eprintln!("tally: {e}");
+            return ExitCode::FAILURE;
+        }
     };
     eprintln!("tally: API on http://{addr}  (database {})", redact(&url));
+    for line in demo_tokens {
+        eprintln!("{line}");
+    }
     runtime::serve(listener, router(), state, runtime::shutdown_signal()).await;
     if let Some(worker) = worker {
         worker.abort();

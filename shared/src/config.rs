@@ -32,6 +32,33 @@ pub struct Config {
     pub shutdown_grace_secs: u64,
     #[serde(default = "defaults::log_level")]
     pub log_level: String,
+
+    /// HS256: the shared signing secret (at least 32 bytes).
+    pub jwt_hs256_secret: Option<Secret>,
+    /// RS256/ES256: the identity provider's public key, PEM.
+    pub jwt_public_key_pem: Option<String>,
+    /// RS256/ES256: the private key, PEM; only the `token` command reads it, to mint.
+    pub jwt_private_key_pem: Option<Secret>,
+    /// `RS256` or `ES256` with a PEM key; HS256 with a secret.
+    pub jwt_algorithm: Option<String>,
+    /// Checked when set.
+    pub jwt_issuer: Option<String>,
+    /// Checked when set.
+    pub jwt_audience: Option<String>,
+    /// Clock skew allowed on `exp` and `nbf`.
+    #[serde(default = "defaults::jwt_leeway_secs")]
+    pub jwt_leeway_secs: u64,
+}
+
+/// A value that must never reach a log: its `Debug` prints nothing of it.
+#[derive(Clone, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(***)")
+    }
 }
 
 mod defaults {
@@ -60,6 +87,9 @@ mod defaults {
     }
     pub fn log_level() -> String {
         "info".into()
+    }
+    pub fn jwt_leeway_secs() -> u64 {
+        5
     }
 }
 
@@ -99,6 +129,7 @@ impl Config {
                 self.log_level
             )));
         }
+        crate::auth::KeyConfig::from_config(&self)?;
         if let Some(url) = &self.database_url {
             url.parse::<tokio_postgres::Config>()
                 .map_err(|_| ConfigError("DATABASE_URL is not a valid PostgreSQL URL".into()))?;

@@ -15,6 +15,10 @@ pub enum ApiError {
     InvalidRequest(String),
     #[error("{0}")]
     InvalidId(String),
+    #[error("a valid bearer token is required")]
+    Unauthorized,
+    #[error("{0}")]
+    Forbidden(String),
     #[error("no such resource")]
     NotFound,
     #[error("method not allowed")]
@@ -33,6 +37,8 @@ pub enum ApiError {
     UnknownUser { user_id: i64 },
     #[error("product {product_id} does not exist")]
     UnknownProduct { product_id: i64 },
+    #[error("a product with sku {sku:?} already exists")]
+    DuplicateSku { sku: String },
     #[error("{0}")]
     IdempotencyKeyReused(String),
     #[error("a request with this idempotency key is still being processed")]
@@ -59,13 +65,16 @@ impl ApiError {
         use ApiError::*;
         match self {
             InvalidJson(_) | InvalidRequest(_) | InvalidId(_) => StatusCode::BAD_REQUEST,
+            Unauthorized => StatusCode::UNAUTHORIZED,
+            Forbidden(_) => StatusCode::FORBIDDEN,
             NotFound => StatusCode::NOT_FOUND,
             MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            InsufficientInventory { .. } | IdempotencyKeyInFlight | InvalidTransition { .. } => {
-                StatusCode::CONFLICT
-            }
+            InsufficientInventory { .. }
+            | IdempotencyKeyInFlight
+            | InvalidTransition { .. }
+            | DuplicateSku { .. } => StatusCode::CONFLICT,
             UnknownUser { .. } | UnknownProduct { .. } | IdempotencyKeyReused(_) => {
                 StatusCode::UNPROCESSABLE_ENTITY
             }
@@ -81,6 +90,8 @@ impl ApiError {
             InvalidJson(_) => "invalid_json",
             InvalidRequest(_) => "invalid_request",
             InvalidId(_) => "invalid_id",
+            Unauthorized => "unauthorized",
+            Forbidden(_) => "forbidden",
             NotFound => "not_found",
             MethodNotAllowed(_) => "method_not_allowed",
             UnsupportedMediaType => "unsupported_media_type",
@@ -88,6 +99,7 @@ impl ApiError {
             InsufficientInventory { .. } => "insufficient_inventory",
             UnknownUser { .. } => "unknown_user",
             UnknownProduct { .. } => "unknown_product",
+            DuplicateSku { .. } => "duplicate_sku",
             IdempotencyKeyReused(_) => "idempotency_key_reused",
             IdempotencyKeyInFlight => "idempotency_key_in_flight",
             InvalidTransition { .. } => "invalid_transition",
@@ -113,6 +125,9 @@ impl ApiError {
             }
             UnknownProduct { product_id } => {
                 body.insert("product_id".into(), json!(product_id));
+            }
+            DuplicateSku { sku } => {
+                body.insert("sku".into(), json!(sku));
             }
             InvalidTransition {
                 order_id, status, ..
@@ -167,6 +182,12 @@ impl ApiError {
                 if let Ok(value) = HeaderValue::from_str(&allow) {
                     headers.insert(header::ALLOW, value);
                 }
+            }
+            ApiError::Unauthorized => {
+                headers.insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Bearer realm=\"tally\""),
+                );
             }
             ApiError::Unavailable(_) => {
                 headers.insert(

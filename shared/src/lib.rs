@@ -1,6 +1,7 @@
 //! The runtime every Tally function shares, so that a function crate holds only its handler.
 //!
 //! # Layout
+//! - [`auth`]: bearer JWT verification and the [`auth::Principal`] a request acts as.
 //! - [`config`]: settings from the environment (`envy`), failing at start with one clear line.
 //! - [`db`]: the lazily connected Postgres pool (`bb8` + `tokio-postgres`).
 //! - [`error`]: [`ApiError`], the one error type, and its one mapping to `problem+json`.
@@ -11,6 +12,7 @@
 //! - [`migrate`]: the embedded `sql/migrations` (refinery) and the demo seed.
 //! - [`devdb`]: a private PostgreSQL cluster for the local runner and the tests.
 
+pub mod auth;
 pub mod config;
 pub mod db;
 pub mod devdb;
@@ -24,4 +26,4 @@ pub mod telemetry;
 pub use config::Config;
 pub use db::Pool;
 pub use error::ApiError;
-pub use router::{AppState, Request, Response, Route, Router};
+pub use router::{Access, AppState, Request, Response, Route, Router};

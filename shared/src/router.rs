@@ -10,7 +10,8 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http::{Method, StatusCode, header};
 
-use crate::config::Config;
+use crate::auth::Verifier;
+use crate::config::{Config, ConfigError};
 use crate::db::Pool;
 use crate::error::ApiError;
 
@@ -21,11 +22,33 @@ pub type HandlerResult = Result<Response, ApiError>;
 pub type HandlerFuture = Pin<Box<dyn Future<Output = HandlerResult> + Send>>;
 pub type Handler = fn(Request, AppState) -> HandlerFuture;
 
-/// What every handler gets: the pool and the settings. Cheap to clone (both are shared).
+/// What every handler gets: the pool, the settings and the token verifier. Cheap to clone.
 #[derive(Clone)]
 pub struct AppState {
     pub pool: Pool,
     pub config: Arc<Config>,
+    /// None only where no key is configured; then every authenticated route answers 401.
+    pub verifier: Option<Arc<Verifier>>,
+}
+
+impl AppState {
+    pub fn new(pool: Pool, config: Config) -> Result<Self, ConfigError> {
+        let verifier = Verifier::from_config(&config)?.map(Arc::new);
+        Ok(Self {
+            pool,
+            config: Arc::new(config),
+            verifier,
+        })
+    }
+}
+
+/// Who may call a route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// Anyone (the catalog, the health check).
+    Public,
+    /// A valid bearer token; the handler finds the [`crate::auth::Principal`] in the extensions.
+    Authenticated,
 }
 
 /// One `(method, pattern)` a function answers. Patterns are literal segments and `{name}`
@@ -35,14 +58,25 @@ pub struct Route {
     pub method: Method,
     pub pattern: &'static str,
     pub handler: Handler,
+    pub access: Access,
 }
 
 impl Route {
+    /// A route that needs a bearer token: the default, so that forgetting is safe.
     pub fn new(method: Method, pattern: &'static str, handler: Handler) -> Self {
         Self {
             method,
             pattern,
             handler,
+            access: Access::Authenticated,
+        }
+    }
+
+    /// A route anyone may call.
+    pub fn public(method: Method, pattern: &'static str, handler: Handler) -> Self {
+        Self {
+            access: Access::Public,
+            ..Self::new(method, pattern, handler)
         }
     }
 
@@ -109,6 +143,11 @@ impl Router {
         for route in &self.routes {
             if let Some(params) = route.capture(&path) {
                 if route.method == request.method() {
+                    if route.access == Access::Authenticated {
+                        let verifier = state.verifier.as_ref().ok_or(ApiError::Unauthorized)?;
+                        let principal = verifier.verify(request.headers())?;
+                        request.extensions_mut().insert(principal);
+                    }
                     request.extensions_mut().insert(params);
                     return (route.handler)(request, state).await;
                 }

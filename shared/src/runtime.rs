@@ -22,7 +22,7 @@ use tokio::net::TcpListener;
 use crate::config::Config;
 use crate::db;
 use crate::error::ApiError;
-use crate::router::{AppState, Route, Router};
+use crate::router::{Access, AppState, Route, Router};
 use crate::telemetry;
 
 /// Bodies larger than this are refused with 413 before they are read into memory.
@@ -34,6 +34,13 @@ const REQUEST_ID: &str = "x-request-id";
 /// Each function's `main` is one call to this.
 pub fn run(name: &'static str, routes: Vec<Route>) -> ExitCode {
     run_worker(name, move |state| async move {
+        // There is no way to run a deployed function with authentication off.
+        if state.verifier.is_none() && routes.iter().any(|r| r.access == Access::Authenticated) {
+            eprintln!(
+                "{name}: configuration error: set JWT_HS256_SECRET or JWT_PUBLIC_KEY_PEM (this function's routes need a bearer token)"
+            );
+            return ExitCode::FAILURE;
+        }
         let addr = SocketAddr::new(state.config.host, state.config.port);
         let listener = match TcpListener::bind(addr).await {
             Ok(listener) => listener,
@@ -87,9 +94,12 @@ where
             return ExitCode::FAILURE;
         }
     };
-    let state = AppState {
-        pool,
-        config: Arc::new(config),
+    let state = match AppState::new(pool, config) {
+        Ok(state) => state,
+        Err(e) => {
+            eprintln!("{name}: {e}");
+            return ExitCode::FAILURE;
+        }
     };
     runtime.block_on(work(state))
 }

@@ -1,9 +1,11 @@
 //! `cancel-order`: `POST /orders/{id}/cancel`. A PENDING or CONFIRMED order becomes CANCELLED
 //! and its stock goes back, atomically and exactly once (the `release_order` SQL function).
+//! Only its owner or an admin may cancel it.
 //! Cancelling again answers 409 `invalid_transition`: the caller learns the order was already
 //! cancelled (or failed) and that nothing was restocked by this call.
 
 use http::{Method, StatusCode};
+use tally_shared::auth;
 use tally_shared::http::{path_id, raw_json_response};
 use tally_shared::router::HandlerResult;
 use tally_shared::{ApiError, AppState, Request, Route};
@@ -15,12 +17,17 @@ pub fn routes() -> Vec<Route> {
     })]
 }
 
-const CANCEL_SQL: &str = "SELECT outcome, status, user_id, body FROM cancel_order($1)";
+const CANCEL_SQL: &str = "SELECT outcome, status, user_id, body FROM cancel_order($1, $2)";
 
 pub async fn cancel_order(request: Request, state: AppState) -> HandlerResult {
+    let caller = auth::principal(&request)?;
     let id = path_id(&request, "id")?;
+    // The owner, or (None) an admin; someone else's order is answered as a missing one.
+    let actor = (!caller.is_admin()).then_some(caller.user_id);
     let conn = state.pool.get().await?;
-    let rows = conn.query_typed(CANCEL_SQL, &[(&id, Type::INT8)]).await?;
+    let rows = conn
+        .query_typed(CANCEL_SQL, &[(&id, Type::INT8), (&actor, Type::INT8)])
+        .await?;
     drop(conn);
     let row = rows
         .first()

@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use http::{HeaderName, HeaderValue, Method, StatusCode, header};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
+use tally_shared::auth::{self, Principal};
 use tally_shared::http::{json_body, raw_json_response};
 use tally_shared::router::HandlerResult;
 use tally_shared::{ApiError, AppState, Request, Route};
@@ -26,7 +27,8 @@ pub const MAX_QUANTITY: i64 = 1_000_000;
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct OrderBody {
-    user_id: i64,
+    /// Optional: the caller's own id. An admin may name another user to order on their behalf.
+    user_id: Option<i64>,
     items: Vec<LineBody>,
 }
 
@@ -37,8 +39,8 @@ struct LineBody {
     quantity: i64,
 }
 
-/// A checked order: a positive user id and 1..=100 lines, merged per product and sorted by
-/// product id (the order the rows will be locked in). Only [`OrderRequest::try_from`] makes one.
+/// A checked order: the user it is for, and 1..=100 lines, merged per product and sorted by
+/// product id (the order the rows will be locked in). Only [`OrderRequest::new`] makes one.
 #[derive(Debug, PartialEq)]
 pub struct OrderRequest {
     user_id: i64,
@@ -46,12 +48,11 @@ pub struct OrderRequest {
     quantities: Vec<i32>,
 }
 
-impl TryFrom<OrderBody> for OrderRequest {
-    type Error = ApiError;
-
-    fn try_from(body: OrderBody) -> Result<Self, ApiError> {
+impl OrderRequest {
+    /// Checks the body, then who it may be for: the caller, or anyone when an admin calls.
+    fn new(body: OrderBody, caller: Principal) -> Result<Self, ApiError> {
         let invalid = |detail: String| ApiError::InvalidRequest(detail);
-        if body.user_id <= 0 {
+        if body.user_id.is_some_and(|id| id <= 0) {
             return Err(invalid("user_id must be a positive integer".into()));
         }
         if body.items.is_empty() || body.items.len() > MAX_LINES {
@@ -79,8 +80,17 @@ impl TryFrom<OrderBody> for OrderRequest {
             .into_iter()
             .map(|(id, quantity)| (id, quantity as i32))
             .unzip();
+        let user_id = match body.user_id {
+            None => caller.user_id,
+            Some(id) if id == caller.user_id || caller.is_admin() => id,
+            Some(_) => {
+                return Err(ApiError::Forbidden(
+                    "user_id must be your own (only admins order for others)".into(),
+                ));
+            }
+        };
         Ok(Self {
-            user_id: body.user_id,
+            user_id,
             product_ids,
             quantities,
         })
@@ -120,10 +130,11 @@ fn idempotency_key(request: &Request) -> Result<Option<String>, ApiError> {
 
 const PLACE_ORDER_SQL: &str = "SELECT outcome, order_id, body FROM place_order($1, $2, $3)";
 const PLACE_ORDER_KEYED_SQL: &str =
-    "SELECT outcome, order_id, body FROM place_order_keyed($1, $2, $3, $4, $5)";
+    "SELECT outcome, order_id, body FROM place_order_keyed($1, $2, $3, $4, $5, $6)";
 
 pub async fn create_order(request: Request, state: AppState) -> HandlerResult {
-    let order = OrderRequest::try_from(json_body::<OrderBody>(&request)?)?;
+    let caller = auth::principal(&request)?;
+    let order = OrderRequest::new(json_body::<OrderBody>(&request)?, caller)?;
     let key = idempotency_key(&request)?;
     let conn = state.pool.get().await?;
     // query_typed sends parse, bind and execute together with an unnamed statement: one round
@@ -136,8 +147,10 @@ pub async fn create_order(request: Request, state: AppState) -> HandlerResult {
     let rows = match &key {
         None => conn.query_typed(PLACE_ORDER_SQL, &order_params).await?,
         Some(key) => {
+            // Keys belong to the caller, who may be an admin ordering for someone else.
             let fingerprint = order.fingerprint();
-            let mut params = order_params.to_vec();
+            let mut params = vec![(&caller.user_id as _, Type::INT8)];
+            params.extend(order_params);
             params.push((key, Type::TEXT));
             params.push((&fingerprint, Type::TEXT));
             conn.query_typed(PLACE_ORDER_KEYED_SQL, &params).await?
@@ -205,8 +218,35 @@ fn rejection(outcome: &str, details: &str) -> ApiError {
 mod tests {
     use super::*;
 
+    use tally_shared::auth::Role;
+
+    const CUSTOMER_1: Principal = Principal {
+        user_id: 1,
+        role: Role::Customer,
+    };
+
     fn parse(json: &str) -> Result<OrderRequest, ApiError> {
-        OrderRequest::try_from(serde_json::from_str::<OrderBody>(json).unwrap())
+        OrderRequest::new(serde_json::from_str::<OrderBody>(json).unwrap(), CUSTOMER_1)
+    }
+
+    #[test]
+    fn the_user_is_the_caller_unless_an_admin_names_another() {
+        let items = r#""items":[{"product_id":1,"quantity":1}]"#;
+        assert_eq!(parse(&format!("{{{items}}}")).unwrap().user_id, 1);
+        assert_eq!(
+            parse(&format!(r#"{{"user_id":1,{items}}}"#))
+                .unwrap()
+                .user_id,
+            1
+        );
+        let e = parse(&format!(r#"{{"user_id":2,{items}}}"#)).unwrap_err();
+        assert_eq!(e.code(), "forbidden");
+        let admin = Principal {
+            user_id: 9,
+            role: Role::Admin,
+        };
+        let body = serde_json::from_str(&format!(r#"{{"user_id":2,{items}}}"#)).unwrap();
+        assert_eq!(OrderRequest::new(body, admin).unwrap().user_id, 2);
     }
 
     #[test]

@@ -10,10 +10,10 @@ use tokio_postgres::types::Type;
 
 pub fn routes() -> Vec<Route> {
     vec![
-        Route::new(Method::GET, "/products", |r, s| {
+        Route::public(Method::GET, "/products", |r, s| {
             Box::pin(list_products(r, s))
         }),
-        Route::new(Method::GET, "/products/{id}", |r, s| {
+        Route::public(Method::GET, "/products/{id}", |r, s| {
             Box::pin(get_product(r, s))
         }),
     ]

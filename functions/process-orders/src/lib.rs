@@ -18,7 +18,7 @@ use http::{Method, StatusCode};
 use serde::{Deserialize, Serialize};
 use tally_shared::http::json_response;
 use tally_shared::router::HandlerResult;
-use tally_shared::{ApiError, AppState, Pool, Request, Route, runtime};
+use tally_shared::{ApiError, AppState, Pool, Request, Route, auth, runtime};
 use tokio_postgres::types::Type;
 
 /// The processor's own settings, from the environment.
@@ -246,13 +246,15 @@ fn config() -> &'static ProcessorConfig {
 }
 
 /// POST / runs one sweep and answers its summary (for a Knative PingSource or a CronJob).
+/// It needs an admin token, like every endpoint that changes state.
 pub fn routes() -> Vec<Route> {
     vec![Route::new(Method::POST, "/", |r, s| {
         Box::pin(sweep_once(r, s))
     })]
 }
 
-async fn sweep_once(_request: Request, state: AppState) -> HandlerResult {
+async fn sweep_once(request: Request, state: AppState) -> HandlerResult {
+    auth::principal(&request)?.require_admin()?;
     let summary = sweep(&state.pool, config(), &ConfirmAll).await?;
     json_response(StatusCode::OK, &summary)
 }

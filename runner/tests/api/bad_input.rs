@@ -83,11 +83,11 @@ fn catalog() -> Vec<Case> {
             "invalid_json",
         ),
         case(
-            "missing user_id",
+            "user_id of another user",
             Some(JSON),
-            r#"{"items":[{"product_id":1,"quantity":1}]}"#,
-            400,
-            "invalid_request",
+            r#"{"user_id":2,"items":[{"product_id":1,"quantity":1}]}"#,
+            403,
+            "forbidden",
         ),
         case(
             "missing items",
@@ -97,9 +97,9 @@ fn catalog() -> Vec<Case> {
             "invalid_request",
         ),
         case(
-            "user_id null",
+            "user_id an array",
             Some(JSON),
-            r#"{"user_id":null,"items":[{"product_id":1,"quantity":1}]}"#,
+            r#"{"user_id":[1],"items":[{"product_id":1,"quantity":1}]}"#,
             400,
             "invalid_request",
         ),
@@ -303,7 +303,9 @@ async fn every_malformed_order_gets_a_clear_4xx_and_sells_nothing() {
     let cases = catalog();
     assert!(cases.len() >= 30);
     for c in &cases {
-        let mut headers = Vec::new();
+        // As customer 1: the catalog is about input, not privileges.
+        let customer = app.customer(1);
+        let mut headers = vec![("authorization", customer.as_str())];
         if let Some(ct) = c.content_type {
             headers.push(("content-type", ct));
         }

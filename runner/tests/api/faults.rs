@@ -108,6 +108,7 @@ async fn sigterm_lets_in_flight_requests_finish_then_exits_0() {
         .env("POOL_TIMEOUT_MS", "20000")
         .env("PROCESS_EVERY_MS", "0")
         .env("LOG_LEVEL", "warn")
+        .envs(crate::helpers::jwt_env())
         .stdout(std::process::Stdio::null())
         .spawn()
         .unwrap();

@@ -2,7 +2,7 @@
 //! client, and the bookkeeping checks every storm ends with.
 
 use std::net::SocketAddr;
-use std::sync::{Arc, OnceLock};
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -12,8 +12,12 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use serde_json::Value;
+use tally_shared::auth::{self, Role};
 use tally_shared::devdb::PrivatePostgres;
 use tally_shared::{AppState, Config, db, migrate, runtime};
+
+/// A header value that tells [`TestApp::request`] to send no such header at all.
+pub const NO_AUTH: &str = "\u{0}no-auth";
 use tokio_postgres::NoTls;
 
 /// The server that hosts the test databases: `TEST_DATABASE_URL`, or a private cluster under
@@ -153,13 +157,36 @@ impl TestResponse {
     }
 }
 
+/// The HS256 secret every test server and spawned binary is configured with.
+pub const TEST_SECRET: &str = "tally-test-secret-0123456789abcdef0123456789";
+pub const TEST_ISSUER: &str = "tally-tests";
+pub const TEST_AUDIENCE: &str = "tally-api";
+
+/// The JWT settings of the test servers, as environment variables.
+pub fn jwt_env() -> [(&'static str, &'static str); 3] {
+    [
+        ("JWT_HS256_SECRET", TEST_SECRET),
+        ("JWT_ISSUER", TEST_ISSUER),
+        ("JWT_AUDIENCE", TEST_AUDIENCE),
+    ]
+}
+
 /// Settings for an in-process server: the test database, small pool, short timeouts.
 pub fn test_config(db_url: &str, extra: &[(&str, &str)]) -> Config {
     let mut vars = vec![
         ("DATABASE_URL".to_owned(), db_url.to_owned()),
         ("POOL_SIZE".to_owned(), "8".to_owned()),
         ("SHUTDOWN_GRACE_SECS".to_owned(), "5".to_owned()),
+        ("JWT_LEEWAY_SECS".to_owned(), "0".to_owned()),
     ];
+    // A test that configures its own keys gets none of the defaults.
+    if !extra.iter().any(|(k, _)| k.starts_with("JWT_")) {
+        vars.extend(
+            jwt_env()
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string())),
+        );
+    }
     vars.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
     Config::from_vars(vars).expect("test config")
 }
@@ -188,10 +215,7 @@ impl TestApp {
         let pool = db::lazy_pool(&config, "tests").unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let state = AppState {
-            pool,
-            config: Arc::new(config),
-        };
+        let state = AppState::new(pool, config).unwrap();
         tokio::spawn(runtime::serve(
             listener,
             tally::router(),
@@ -248,8 +272,17 @@ impl TestApp {
         let mut builder = http::Request::builder()
             .method(method)
             .uri(format!("http://{}{path}", self.addr));
+        // An admin token unless the caller chose: its own `authorization`, or `NO_AUTH`.
+        if !headers
+            .iter()
+            .any(|(n, _)| n.eq_ignore_ascii_case("authorization"))
+        {
+            builder = builder.header("authorization", self.admin());
+        }
         for (name, value) in headers {
-            builder = builder.header(*name, *value);
+            if *value != NO_AUTH {
+                builder = builder.header(*name, *value);
+            }
         }
         let response = self
             .client
@@ -262,6 +295,27 @@ impl TestApp {
             headers: parts.headers,
             body: body.collect().await.unwrap().to_bytes(),
         }
+    }
+
+    /// A valid token for `user_id` with `role`, signed with the test secret.
+    pub fn token(&self, user_id: i64, role: Role) -> String {
+        auth::mint(
+            &test_config("postgres://x@localhost/x", &[]),
+            user_id,
+            role,
+            Duration::from_secs(600),
+        )
+        .unwrap()
+    }
+
+    /// `Bearer <token>` for a customer.
+    pub fn customer(&self, user_id: i64) -> String {
+        format!("Bearer {}", self.token(user_id, Role::Customer))
+    }
+
+    /// `Bearer <token>` for an admin (user 2, the demo admin).
+    pub fn admin(&self) -> String {
+        format!("Bearer {}", self.token(2, Role::Admin))
     }
 
     /// Waits (up to 20 s) until `/healthz` answers 200.
@@ -285,6 +339,7 @@ impl TestApp {
     ) -> Option<u16> {
         let request = http::Request::post(format!("http://{}/orders", self.addr))
             .header("content-type", "application/json")
+            .header("authorization", self.customer(user_id))
             .header("idempotency-key", key)
             .body(Full::new(Bytes::from(
                 order_body(user_id, lines).to_string(),
@@ -300,37 +355,45 @@ impl TestApp {
         self.request(Method::GET, path, &[], Bytes::new()).await
     }
 
-    pub async fn post_json(&self, path: &str, body: &Value) -> TestResponse {
+    /// POST JSON with the given `authorization` header value.
+    pub async fn post_json_as(
+        &self,
+        authorization: &str,
+        path: &str,
+        body: &Value,
+    ) -> TestResponse {
         self.request(
             Method::POST,
             path,
-            &[("content-type", "application/json")],
+            &[
+                ("content-type", "application/json"),
+                ("authorization", authorization),
+            ],
             body.to_string(),
         )
         .await
     }
 
-    /// Places an order for `user_id` with `(product_id, quantity)` lines.
+    /// Places an order as customer `user_id` with `(product_id, quantity)` lines.
     pub async fn order(&self, user_id: i64, lines: &[(i64, i64)]) -> TestResponse {
-        let items: Vec<Value> = lines
-            .iter()
-            .map(|(p, q)| serde_json::json!({"product_id": p, "quantity": q}))
-            .collect();
-        self.post_json(
+        self.post_json_as(
+            &self.customer(user_id),
             "/orders",
-            &serde_json::json!({"user_id": user_id, "items": items}),
+            &order_body(user_id, lines),
         )
         .await
     }
 
-    /// Places an order with an `Idempotency-Key`.
+    /// Places an order as customer `user_id` with an `Idempotency-Key`.
     pub async fn order_keyed(&self, user_id: i64, lines: &[(i64, i64)], key: &str) -> TestResponse {
+        let authorization = self.customer(user_id);
         self.request(
             Method::POST,
             "/orders",
             &[
                 ("content-type", "application/json"),
                 ("idempotency-key", key),
+                ("authorization", &authorization),
             ],
             order_body(user_id, lines).to_string(),
         )

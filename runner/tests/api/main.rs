@@ -1,6 +1,8 @@
 //! The API tests: one binary (linked once), every test against its own fresh database on a
 //! real PostgreSQL, through real HTTP to the same router the local runner serves.
 
+mod access;
+mod admin;
 mod bad_input;
 mod faults;
 mod helpers;

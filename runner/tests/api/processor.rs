@@ -290,10 +290,7 @@ async fn the_http_sweep_answers_its_summary() {
     let pool = pool_for(&app, &app.db_url);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
-    let state = tally_shared::AppState {
-        pool,
-        config: Arc::new(test_config(&app.db_url, &[])),
-    };
+    let state = tally_shared::AppState::new(pool, test_config(&app.db_url, &[])).unwrap();
     let router = tally_shared::Router::new().mount(process_orders::routes());
     tokio::spawn(tally_shared::runtime::serve(
         listener,
@@ -312,4 +309,19 @@ async fn the_http_sweep_answers_its_summary() {
         .request(Method::GET, "/", &[], "")
         .await
         .assert_problem(405, "method_not_allowed");
+    // A sweep changes state: customers may not trigger one, anonymous callers even less.
+    let customer = processor.customer(1);
+    processor
+        .request(Method::POST, "/", &[("authorization", &customer)], "")
+        .await
+        .assert_problem(403, "forbidden");
+    processor
+        .request(
+            Method::POST,
+            "/",
+            &[("authorization", crate::helpers::NO_AUTH)],
+            "",
+        )
+        .await
+        .assert_problem(401, "unauthorized");
 }

@@ -1,0 +1,266 @@
+//! `admin-products`: inventory administration, for the admin role only.
+//! - `POST /products` creates a product (its starting stock becomes its first ledger row);
+//! - `PATCH /products/{id}` changes name or price (orders keep the price they were placed at);
+//! - `POST /products/{id}/inventory` adjusts stock by a delta, never below zero, with its
+//!   ledger row in the same transaction.
+
+use http::{HeaderValue, Method, StatusCode, header};
+use serde::{Deserialize, Serialize};
+use tally_shared::auth;
+use tally_shared::http::{json_body, json_response, path_id};
+use tally_shared::router::HandlerResult;
+use tally_shared::{ApiError, AppState, Request, Route};
+use tokio_postgres::Row;
+use tokio_postgres::types::Type;
+
+pub fn routes() -> Vec<Route> {
+    vec![
+        Route::new(Method::POST, "/products", |r, s| {
+            Box::pin(create_product(r, s))
+        }),
+        Route::new(Method::PATCH, "/products/{id}", |r, s| {
+            Box::pin(update_product(r, s))
+        }),
+        Route::new(Method::POST, "/products/{id}/inventory", |r, s| {
+            Box::pin(adjust_inventory(r, s))
+        }),
+    ]
+}
+
+/// Mirrors the `products.price_cents` CHECK constraint.
+const MAX_PRICE_CENTS: i64 = 10_000_000_000;
+const MAX_INVENTORY: i64 = 1_000_000_000_000;
+const MAX_DELTA: i64 = 1_000_000_000;
+
+#[derive(Debug, Serialize)]
+struct Product {
+    id: i64,
+    sku: String,
+    name: String,
+    price_cents: i64,
+    inventory: i64,
+}
+
+impl From<&Row> for Product {
+    fn from(row: &Row) -> Self {
+        Self {
+            id: row.get(0),
+            sku: row.get(1),
+            name: row.get(2),
+            price_cents: row.get(3),
+            inventory: row.get(4),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewProduct {
+    sku: String,
+    name: String,
+    price_cents: i64,
+    #[serde(default)]
+    inventory: i64,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ProductChanges {
+    name: Option<String>,
+    price_cents: Option<i64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Adjustment {
+    delta: i64,
+    reason: AdjustmentReason,
+    note: Option<String>,
+}
+
+#[derive(Debug, Deserialize, Clone, Copy)]
+#[serde(rename_all = "lowercase")]
+enum AdjustmentReason {
+    Restock,
+    Adjustment,
+}
+
+impl AdjustmentReason {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Restock => "restock",
+            Self::Adjustment => "adjustment",
+        }
+    }
+}
+
+fn check_sku(sku: &str) -> Result<(), ApiError> {
+    let ok = (1..=64).contains(&sku.len())
+        && sku
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+    ok.then_some(())
+        .ok_or_else(|| ApiError::InvalidRequest("sku must be 1 to 64 of A-Z a-z 0-9 - _ .".into()))
+}
+
+fn check_name(name: &str) -> Result<(), ApiError> {
+    let chars = name.trim().chars().count();
+    ((1..=200).contains(&chars) && !name.chars().any(char::is_control))
+        .then_some(())
+        .ok_or_else(|| {
+            ApiError::InvalidRequest(
+                "name must be 1 to 200 characters, no control characters".into(),
+            )
+        })
+}
+
+fn check_price(price: i64) -> Result<(), ApiError> {
+    (0..=MAX_PRICE_CENTS)
+        .contains(&price)
+        .then_some(())
+        .ok_or_else(|| {
+            ApiError::InvalidRequest(format!("price_cents must be from 0 to {MAX_PRICE_CENTS}"))
+        })
+}
+
+const PRODUCT_COLUMNS: &str = "id, sku, name, price_cents, inventory";
+
+async fn create_product(request: Request, state: AppState) -> HandlerResult {
+    auth::principal(&request)?.require_admin()?;
+    let new: NewProduct = json_body(&request)?;
+    check_sku(&new.sku)?;
+    check_name(&new.name)?;
+    check_price(new.price_cents)?;
+    if !(0..=MAX_INVENTORY).contains(&new.inventory) {
+        return Err(ApiError::InvalidRequest(format!(
+            "inventory must be from 0 to {MAX_INVENTORY}"
+        )));
+    }
+    let conn = state.pool.get().await?;
+    // ON CONFLICT rather than catching the unique violation: a duplicate is an answer, not an
+    // error, and leaves nothing in the server log.
+    let sql = format!(
+        "INSERT INTO products (sku, name, price_cents, inventory) VALUES ($1, $2, $3, $4) \
+         ON CONFLICT (sku) DO NOTHING RETURNING {PRODUCT_COLUMNS}"
+    );
+    let rows = conn
+        .query_typed(
+            &sql,
+            &[
+                (&new.sku, Type::TEXT),
+                (&new.name.trim(), Type::TEXT),
+                (&new.price_cents, Type::INT8),
+                (&new.inventory, Type::INT8),
+            ],
+        )
+        .await?;
+    let product = rows
+        .first()
+        .map(Product::from)
+        .ok_or(ApiError::DuplicateSku { sku: new.sku })?;
+    let mut response = json_response(StatusCode::CREATED, &product)?;
+    response.headers_mut().insert(
+        header::LOCATION,
+        HeaderValue::from_str(&format!("/products/{}", product.id))
+            .expect("a path of digits is a valid header"),
+    );
+    Ok(response)
+}
+
+async fn update_product(request: Request, state: AppState) -> HandlerResult {
+    auth::principal(&request)?.require_admin()?;
+    let id = path_id(&request, "id")?;
+    let changes: ProductChanges = json_body(&request)?;
+    if changes.name.is_none() && changes.price_cents.is_none() {
+        return Err(ApiError::InvalidRequest(
+            "nothing to change: give name and/or price_cents".into(),
+        ));
+    }
+    if let Some(name) = &changes.name {
+        check_name(name)?;
+    }
+    if let Some(price) = changes.price_cents {
+        check_price(price)?;
+    }
+    let name = changes.name.as_deref().map(str::trim);
+    let conn = state.pool.get().await?;
+    let sql = format!(
+        "UPDATE products SET name = coalesce($2, name), price_cents = coalesce($3, price_cents), \
+         updated_at = now() WHERE id = $1 RETURNING {PRODUCT_COLUMNS}"
+    );
+    let rows = conn
+        .query_typed(
+            &sql,
+            &[
+                (&id, Type::INT8),
+                (&name, Type::TEXT),
+                (&changes.price_cents, Type::INT8),
+            ],
+        )
+        .await?;
+    let product = rows.first().map(Product::from).ok_or(ApiError::NotFound)?;
+    json_response(StatusCode::OK, &product)
+}
+
+async fn adjust_inventory(request: Request, state: AppState) -> HandlerResult {
+    auth::principal(&request)?.require_admin()?;
+    let id = path_id(&request, "id")?;
+    let adjustment: Adjustment = json_body(&request)?;
+    if adjustment.delta == 0 || adjustment.delta.abs() > MAX_DELTA {
+        return Err(ApiError::InvalidRequest(format!(
+            "delta must be non-zero and at most {MAX_DELTA} either way"
+        )));
+    }
+    if adjustment
+        .note
+        .as_ref()
+        .is_some_and(|n| n.chars().count() > 500)
+    {
+        return Err(ApiError::InvalidRequest(
+            "note must be at most 500 characters".into(),
+        ));
+    }
+    let conn = state.pool.get().await?;
+    let sql = format!(
+        "SELECT a.outcome, a.inventory, p.sku, p.name, p.price_cents \
+         FROM adjust_inventory($1, $2, $3, $4) a \
+         LEFT JOIN LATERAL (SELECT {PRODUCT_COLUMNS} FROM products WHERE id = $1) p ON true"
+    );
+    let rows = conn
+        .query_typed(
+            &sql,
+            &[
+                (&id, Type::INT8),
+                (&adjustment.delta, Type::INT8),
+                (&adjustment.reason.as_str(), Type::TEXT),
+                (&adjustment.note, Type::TEXT),
+            ],
+        )
+        .await?;
+    let row = rows
+        .first()
+        .ok_or_else(|| ApiError::Internal("adjust_inventory returned no row".into()))?;
+    match row.get::<_, &str>(0) {
+        "adjusted" => {
+            // The new stock comes from the function: the joined row was read under the
+            // statement's snapshot, before the update.
+            let product = Product {
+                id,
+                sku: row.get(2),
+                name: row.get(3),
+                price_cents: row.get(4),
+                inventory: row.get(1),
+            };
+            json_response(StatusCode::OK, &product)
+        }
+        "not_found" => Err(ApiError::NotFound),
+        "insufficient_inventory" => Err(ApiError::InsufficientInventory {
+            product_id: id,
+            requested: -adjustment.delta,
+            available: row.get(1),
+        }),
+        other => Err(ApiError::Internal(format!(
+            "adjust_inventory outcome {other:?}"
+        ))),
+    }
+}

@@ -1,0 +1,258 @@
+//! Authentication: bearer JWTs verified with `jsonwebtoken`, and the [`Principal`] they name.
+//!
+//! Keys come from the environment: an HS256 secret, or an RS256/ES256 public key in PEM so an
+//! external identity provider can issue tokens. `exp` and `sub` are required, `nbf` honoured,
+//! issuer and audience checked when configured. Only the configured algorithm is accepted, so
+//! `alg: none` and algorithm confusion (a token HMAC-signed with the public key) fail.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use http::HeaderMap;
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use serde::{Deserialize, Serialize};
+
+use crate::config::{Config, ConfigError};
+use crate::error::ApiError;
+use crate::router::Request;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    #[default]
+    Customer,
+    Admin,
+}
+
+/// Who is calling: the token's `sub` as a user id, and its role.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Principal {
+    pub user_id: i64,
+    pub role: Role,
+}
+
+impl Principal {
+    pub fn is_admin(&self) -> bool {
+        self.role == Role::Admin
+    }
+
+    /// Admins only; anyone else gets 403.
+    pub fn require_admin(&self) -> Result<(), ApiError> {
+        if self.is_admin() {
+            Ok(())
+        } else {
+            Err(ApiError::Forbidden("this needs the admin role".into()))
+        }
+    }
+
+    /// May this caller see `owner`'s things? Owners and admins may.
+    pub fn may_access(&self, owner: i64) -> bool {
+        self.is_admin() || self.user_id == owner
+    }
+}
+
+/// The principal the router put on an authenticated request.
+pub fn principal(request: &Request) -> Result<Principal, ApiError> {
+    request
+        .extensions()
+        .get::<Principal>()
+        .copied()
+        .ok_or(ApiError::Unauthorized)
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Claims {
+    sub: String,
+    #[serde(default)]
+    role: Role,
+    exp: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    nbf: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    iat: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    iss: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    aud: Option<String>,
+}
+
+/// The verification key material, as configured.
+pub enum KeyConfig {
+    Hs256(Vec<u8>),
+    Pem { algorithm: Algorithm, pem: String },
+}
+
+/// HMAC secrets shorter than this are refused: they can be brute-forced from one token.
+const MIN_SECRET_BYTES: usize = 32;
+
+impl KeyConfig {
+    /// The configured key, None when no key is set, or an error naming the variable at fault.
+    pub fn from_config(config: &Config) -> Result<Option<Self>, ConfigError> {
+        let algorithm = config.jwt_algorithm.as_deref().map(str::to_ascii_uppercase);
+        match (&config.jwt_hs256_secret, &config.jwt_public_key_pem) {
+            (Some(_), Some(_)) => Err(ConfigError::new(
+                "set JWT_HS256_SECRET or JWT_PUBLIC_KEY_PEM, not both",
+            )),
+            (Some(secret), None) => {
+                if algorithm.as_deref().is_some_and(|a| a != "HS256") {
+                    return Err(ConfigError::new(
+                        "JWT_ALGORITHM must be HS256 with JWT_HS256_SECRET",
+                    ));
+                }
+                if secret.0.len() < MIN_SECRET_BYTES {
+                    return Err(ConfigError::new(format!(
+                        "JWT_HS256_SECRET must be at least {MIN_SECRET_BYTES} bytes"
+                    )));
+                }
+                Ok(Some(Self::Hs256(secret.0.as_bytes().to_vec())))
+            }
+            (None, Some(pem)) => {
+                let algorithm = match algorithm.as_deref().unwrap_or("RS256") {
+                    "RS256" => Algorithm::RS256,
+                    "ES256" => Algorithm::ES256,
+                    other => {
+                        return Err(ConfigError::new(format!(
+                            "JWT_ALGORITHM={other:?}: with a public key use RS256 or ES256"
+                        )));
+                    }
+                };
+                let key = Self::Pem {
+                    algorithm,
+                    pem: pem.replace("\\n", "\n"),
+                };
+                key.decoding_key()?;
+                Ok(Some(key))
+            }
+            (None, None) => Ok(None),
+        }
+    }
+
+    fn algorithm(&self) -> Algorithm {
+        match self {
+            Self::Hs256(_) => Algorithm::HS256,
+            Self::Pem { algorithm, .. } => *algorithm,
+        }
+    }
+
+    fn decoding_key(&self) -> Result<DecodingKey, ConfigError> {
+        match self {
+            Self::Hs256(secret) => Ok(DecodingKey::from_secret(secret)),
+            Self::Pem { algorithm, pem } => match algorithm {
+                Algorithm::ES256 => DecodingKey::from_ec_pem(pem.as_bytes()),
+                _ => DecodingKey::from_rsa_pem(pem.as_bytes()),
+            }
+            .map_err(|e| ConfigError::new(format!("JWT_PUBLIC_KEY_PEM is not a usable key: {e}"))),
+        }
+    }
+}
+
+/// Verifies bearer tokens. Built once at start.
+pub struct Verifier {
+    key: DecodingKey,
+    validation: Validation,
+}
+
+impl Verifier {
+    /// The verifier for the configured key, or None when no key is configured.
+    pub fn from_config(config: &Config) -> Result<Option<Self>, ConfigError> {
+        let Some(keys) = KeyConfig::from_config(config)? else {
+            return Ok(None);
+        };
+        let mut validation = Validation::new(keys.algorithm());
+        validation.leeway = config.jwt_leeway_secs;
+        validation.validate_nbf = true;
+        // A configured issuer or audience must also be present, not merely match when present.
+        let mut required = vec!["exp", "sub"];
+        match &config.jwt_issuer {
+            Some(iss) => {
+                validation.set_issuer(&[iss]);
+                required.push("iss");
+            }
+            None => validation.iss = None,
+        }
+        match &config.jwt_audience {
+            Some(aud) => {
+                validation.set_audience(&[aud]);
+                required.push("aud");
+            }
+            None => validation.validate_aud = false,
+        }
+        validation.set_required_spec_claims(&required);
+        Ok(Some(Self {
+            key: keys.decoding_key()?,
+            validation,
+        }))
+    }
+
+    /// The caller named by `Authorization: Bearer <token>`. Every failure is the same 401,
+    /// whatever went wrong: the reason is nothing a caller should be able to probe.
+    pub fn verify(&self, headers: &HeaderMap) -> Result<Principal, ApiError> {
+        let token = headers
+            .get(http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| {
+                v.strip_prefix("Bearer ")
+                    .or_else(|| v.strip_prefix("bearer "))
+            })
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .ok_or(ApiError::Unauthorized)?;
+        let data =
+            jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation).map_err(|e| {
+                tracing::debug!(reason = ?e.kind(), "token refused");
+                ApiError::Unauthorized
+            })?;
+        let user_id = crate::http::parse_id(&data.claims.sub).ok_or(ApiError::Unauthorized)?;
+        Ok(Principal {
+            user_id,
+            role: data.claims.role,
+        })
+    }
+}
+
+/// Mints a token with the configured key: HS256 with the secret, RS256/ES256 with
+/// `JWT_PRIVATE_KEY_PEM`. Issuer and audience are set when configured.
+pub fn mint(
+    config: &Config,
+    user_id: i64,
+    role: Role,
+    ttl: Duration,
+) -> Result<String, ConfigError> {
+    let keys = KeyConfig::from_config(config)?.ok_or_else(|| {
+        ConfigError::new("no signing key: set JWT_HS256_SECRET (or JWT_PRIVATE_KEY_PEM)")
+    })?;
+    let encoding = match &keys {
+        KeyConfig::Hs256(secret) => EncodingKey::from_secret(secret),
+        KeyConfig::Pem { algorithm, .. } => {
+            let pem = config
+                .jwt_private_key_pem
+                .as_ref()
+                .ok_or_else(|| {
+                    ConfigError::new("minting with a public key needs JWT_PRIVATE_KEY_PEM")
+                })?
+                .0
+                .replace("\\n", "\n");
+            match algorithm {
+                Algorithm::ES256 => EncodingKey::from_ec_pem(pem.as_bytes()),
+                _ => EncodingKey::from_rsa_pem(pem.as_bytes()),
+            }
+            .map_err(|e| {
+                ConfigError::new(format!("JWT_PRIVATE_KEY_PEM is not a usable key: {e}"))
+            })?
+        }
+    };
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs();
+    let claims = Claims {
+        sub: user_id.to_string(),
+        role,
+        exp: now + ttl.as_secs(),
+        nbf: None,
+        iat: Some(now),
+        iss: config.jwt_issuer.clone(),
+        aud: config.jwt_audience.clone(),
+    };
+    jsonwebtoken::encode(&Header::new(keys.algorithm()), &claims, &encoding)
+        .map_err(|e| ConfigError::new(format!("signing a token: {e}")))
+}
