@@ -23,13 +23,16 @@ pub fn router() -> Router {
 }
 
 /// `tally` runs the API; `tally token --sub ID [--role customer|admin] [--ttl 1h]` mints a
-/// token with the configured key.
+/// token with the configured key; `tally backup ...` is the backup function's command line.
 pub fn main(mut args: impl Iterator<Item = String>) -> ExitCode {
     match args.next().as_deref() {
         None => run(),
         Some("token") => token(args),
+        Some("backup") => backup::main(args),
         Some(_) => {
-            eprintln!("usage: tally | tally token --sub ID [--role customer|admin] [--ttl 1h]");
+            eprintln!(
+                "usage: tally | tally token --sub ID [--role customer|admin] [--ttl 1h] | tally backup ..."
+            );
             ExitCode::FAILURE
         }
     }

@@ -37,6 +37,8 @@ pub enum ApiError {
     UnknownUser { user_id: i64 },
     #[error("product {product_id} does not exist")]
     UnknownProduct { product_id: i64 },
+    #[error("a backup is already running")]
+    BackupInProgress,
     #[error("a product with sku {sku:?} already exists")]
     DuplicateSku { sku: String },
     #[error("{0}")]
@@ -74,7 +76,8 @@ impl ApiError {
             InsufficientInventory { .. }
             | IdempotencyKeyInFlight
             | InvalidTransition { .. }
-            | DuplicateSku { .. } => StatusCode::CONFLICT,
+            | DuplicateSku { .. }
+            | BackupInProgress => StatusCode::CONFLICT,
             UnknownUser { .. } | UnknownProduct { .. } | IdempotencyKeyReused(_) => {
                 StatusCode::UNPROCESSABLE_ENTITY
             }
@@ -100,6 +103,7 @@ impl ApiError {
             UnknownUser { .. } => "unknown_user",
             UnknownProduct { .. } => "unknown_product",
             DuplicateSku { .. } => "duplicate_sku",
+            BackupInProgress => "backup_in_progress",
             IdempotencyKeyReused(_) => "idempotency_key_reused",
             IdempotencyKeyInFlight => "idempotency_key_in_flight",
             InvalidTransition { .. } => "invalid_transition",

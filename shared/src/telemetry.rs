@@ -2,9 +2,22 @@
 
 use tracing::Level;
 
-/// Installs the JSON subscriber at `level` (already checked by [`crate::Config`]). Calling it
-/// twice is harmless, which the tests rely on.
+/// Installs the JSON subscriber at `level` (already checked by [`crate::Config`]), writing to
+/// stdout as servers do. Calling it twice is harmless, which the tests rely on.
 pub fn init(level: &str) {
+    init_with(level, std::io::stdout);
+}
+
+/// The same, on stderr: for commands whose stdout is their result (`backup run` prints its
+/// report there).
+pub fn init_stderr(level: &str) {
+    init_with(level, std::io::stderr);
+}
+
+fn init_with<W>(level: &str, writer: W)
+where
+    W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
+{
     let level = level.parse().unwrap_or(Level::INFO);
     let _ = tracing_subscriber::fmt()
         .json()
@@ -12,7 +25,7 @@ pub fn init(level: &str) {
         .with_current_span(false)
         .with_span_list(false)
         .with_max_level(level)
-        .with_writer(std::io::stdout)
+        .with_writer(writer)
         .try_init();
 }
 

@@ -3,6 +3,7 @@
 
 mod access;
 mod admin;
+mod backups;
 mod bad_input;
 mod faults;
 mod helpers;
