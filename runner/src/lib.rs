@@ -1,5 +1,5 @@
 //! The local runner: every function's routes on one port, as a developer (and the tests) run
-//! the whole API without containers. Adding a function means one line in [`router`].
+//! the whole API without containers. Adding a function means one line in [`functions`].
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
@@ -10,16 +10,24 @@ use std::time::Duration;
 use tally_shared::auth::{self, Role};
 use tally_shared::config::Secret;
 use tally_shared::devdb::PrivatePostgres;
-use tally_shared::{AppState, Config, Router, db, migrate, runtime, telemetry};
+use tally_shared::{AppState, Config, Route, Router, db, migrate, runtime, telemetry};
+
+/// Every function that serves the public API, by name (its crate, image and Knative Service).
+pub fn functions() -> Vec<(&'static str, Vec<Route>)> {
+    vec![
+        ("list-products", list_products::routes()),
+        ("create-order", create_order::routes()),
+        ("get-order", get_order::routes()),
+        ("cancel-order", cancel_order::routes()),
+        ("admin-products", admin_products::routes()),
+    ]
+}
 
 /// Every function, mounted as its own deployment would serve it.
 pub fn router() -> Router {
-    Router::new()
-        .mount(list_products::routes())
-        .mount(create_order::routes())
-        .mount(get_order::routes())
-        .mount(cancel_order::routes())
-        .mount(admin_products::routes())
+    functions()
+        .into_iter()
+        .fold(Router::new(), |router, (_, routes)| router.mount(routes))
 }
 
 /// `tally` runs the API; `tally token --sub ID [--role customer|admin] [--ttl 1h]` mints a

@@ -145,6 +145,8 @@ impl KeyConfig {
     }
 }
 
+const CE_AUTHORIZATION: &str = "ce-authorization";
+
 /// Verifies bearer tokens. Built once at start.
 pub struct Verifier {
     key: DecodingKey,
@@ -183,11 +185,14 @@ impl Verifier {
         }))
     }
 
-    /// The caller named by `Authorization: Bearer <token>`. Every failure is the same 401,
-    /// whatever went wrong: the reason is nothing a caller should be able to probe.
+    /// The caller named by `Authorization: Bearer <token>`, or by `ce-authorization` (the same
+    /// value as a CloudEvents extension: how a Knative PingSource, which cannot set headers,
+    /// carries the processor's token). Every failure is the same 401, whatever went wrong: the
+    /// reason is nothing a caller should be able to probe.
     pub fn verify(&self, headers: &HeaderMap) -> Result<Principal, ApiError> {
         let token = headers
             .get(http::header::AUTHORIZATION)
+            .or_else(|| headers.get(CE_AUTHORIZATION))
             .and_then(|v| v.to_str().ok())
             .and_then(|v| {
                 v.strip_prefix("Bearer ")

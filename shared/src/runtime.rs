@@ -77,13 +77,6 @@ where
         }
     };
     telemetry::init(&config.log_level);
-    let pool = match db::lazy_pool(&config, name) {
-        Ok(pool) => pool,
-        Err(e) => {
-            eprintln!("{name}: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -91,6 +84,15 @@ where
         Ok(runtime) => runtime,
         Err(e) => {
             eprintln!("{name}: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    // bb8 starts its reaper task when the pool is built: that needs the runtime.
+    let _guard = runtime.enter();
+    let pool = match db::lazy_pool(&config, name) {
+        Ok(pool) => pool,
+        Err(e) => {
+            eprintln!("{name}: {e}");
             return ExitCode::FAILURE;
         }
     };

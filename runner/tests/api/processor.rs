@@ -309,6 +309,22 @@ async fn the_http_sweep_answers_its_summary() {
         .request(Method::GET, "/", &[], "")
         .await
         .assert_problem(405, "method_not_allowed");
+    // As a PingSource delivers it: the token in the CloudEvents extension header.
+    let admin = processor.admin();
+    let r = processor
+        .request(
+            Method::POST,
+            "/",
+            &[
+                ("authorization", crate::helpers::NO_AUTH),
+                ("ce-authorization", &admin),
+                ("ce-type", "dev.knative.sources.ping"),
+                ("content-type", "application/json"),
+            ],
+            r#"{"source":"pingsource"}"#,
+        )
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
     // A sweep changes state: customers may not trigger one, anonymous callers even less.
     let customer = processor.customer(1);
     processor

@@ -1,0 +1,194 @@
+#!/usr/bin/env python3
+"""Validates the deployment offline, as CI does: renders each kustomize overlay, checks every
+core object with kubernetes-validate (strict: unknown fields fail), every Knative Service and
+PingSource against the Knative CRD schemas in knative/schemas, the Secret templates, and the
+connection budget. Then proves the checks bite: misspelled fields and an over-budget max-scale
+must be rejected.
+
+    python3 knative/validate.py            # exit 0 when everything holds
+"""
+
+import copy
+import json
+import pathlib
+import subprocess
+import sys
+
+import jsonschema
+import kubernetes_validate
+import yaml
+
+HERE = pathlib.Path(__file__).resolve().parent
+OVERLAYS = ["minikube", "doks"]
+K8S_VERSION = "1.32.0"  # DOKS and minikube at the time of writing
+SCHEMAS = {
+    ("serving.knative.dev/v1", "Service"): "service-serving-v1.json",
+    ("sources.knative.dev/v1", "PingSource"): "pingsource-sources-v1.json",
+}
+# Postgres keeps this many for superusers (superuser_reserved_connections, default 3).
+SUPERUSER_RESERVE_DEFAULT = 3
+MAX_POOL = 4
+
+
+def render(overlay):
+    out = subprocess.run(
+        ["kubectl", "kustomize", str(HERE / "overlays" / overlay)],
+        check=True, capture_output=True, text=True,
+    ).stdout
+    return [d for d in yaml.safe_load_all(out) if d]
+
+
+def schema_for(doc):
+    name = SCHEMAS.get((doc.get("apiVersion"), doc.get("kind")))
+    return json.loads((HERE / "schemas" / name).read_text()) if name else None
+
+
+def problems_of(doc):
+    """Validation errors of one object, as strings (empty when it is valid)."""
+    what = f"{doc.get('kind')}/{doc.get('metadata', {}).get('name')}"
+    schema = schema_for(doc)
+    if schema is not None:
+        validator = jsonschema.Draft7Validator(schema)
+        return [f"{what}: {'/'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(doc)]
+    try:
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+    except kubernetes_validate.ValidationError as e:
+        return [f"{what}: {'/'.join(map(str, e.path))}: {e.message}"]
+    except kubernetes_validate.SchemaNotFoundError as e:
+        return [f"{what}: no schema: {e}"]
+    return []
+
+
+def find(docs, kind, name=None):
+    return [d for d in docs if d["kind"] == kind and (name is None or d["metadata"]["name"] == name)]
+
+
+def connection_budget(docs):
+    """(used, available, lines): the worst case of connections against what Postgres allows.
+
+    used = sum over Knative Services of max-scale x POOL_SIZE
+         + sum of the jobs' tally.dev/db-connections (the processor is a Knative Service)
+         + the admin reserve annotated on the StatefulSet
+    available = max_connections - superuser_reserved_connections
+    """
+    lines, used = [], 0
+    for svc in find(docs, "Service"):
+        if svc["apiVersion"] != "serving.knative.dev/v1":
+            continue
+        template = svc["spec"]["template"]
+        max_scale = int(template["metadata"]["annotations"]["autoscaling.knative.dev/max-scale"])
+        concurrency = int(template["spec"]["containerConcurrency"])
+        env = {e["name"]: e.get("value") for e in template["spec"]["containers"][0].get("env", [])}
+        pool = int(env["POOL_SIZE"])
+        expected = min(MAX_POOL, concurrency)
+        if pool != expected:
+            raise SystemExit(f"{svc['metadata']['name']}: POOL_SIZE {pool}, but min({MAX_POOL}, containerConcurrency {concurrency}) = {expected}")
+        # Connections a pod opens besides its pool (the backup's pg_dump).
+        extra = int(template["metadata"]["annotations"].get("tally.dev/extra-db-connections", "0"))
+        used += max_scale * (pool + extra)
+        lines.append(f"  {svc['metadata']['name']:<16} max-scale {max_scale:>3} x (pool {pool} + {extra}) = {max_scale * (pool + extra)}")
+    for kind in ("Job", "CronJob"):
+        for job in find(docs, kind):
+            n = int(job["metadata"].get("annotations", {}).get("tally.dev/db-connections", "1"))
+            used += n
+            lines.append(f"  {kind + '/' + job['metadata']['name']:<27} {n}")
+    (pg,) = find(docs, "StatefulSet", "postgres")
+    reserve = int(pg["metadata"]["annotations"]["tally.dev/admin-reserve-connections"])
+    used += reserve
+    lines.append(f"  admin reserve              {reserve}")
+    args = pg["spec"]["template"]["spec"]["containers"][0].get("args", [])
+    settings = dict(a.split("=", 1) for a in args if "=" in a)
+    max_connections = int(settings.get("max_connections", 100))
+    superuser = int(settings.get("superuser_reserved_connections", SUPERUSER_RESERVE_DEFAULT))
+    available = max_connections - superuser
+    return used, available, lines
+
+
+def check(docs, label):
+    errors = [p for d in docs for p in problems_of(d)]
+    if errors:
+        return errors, 0, 0, []
+    used, available, lines = connection_budget(docs)
+    if used > available:
+        errors.append(
+            f"connection budget: {used} connections at full scale > max_connections - superuser reserve = {available}:\n"
+            + "\n".join(lines)
+            + "\n  lower max-scale or POOL_SIZE, raise max_connections, or put PgBouncer in front (README)"
+        )
+    return errors, used, available, lines
+
+
+def mutations(docs):
+    """Each returns a broken copy of the rendered objects that the checks must reject."""
+    def knative_container_typo(ds):
+        svc = find(ds, "Service", "create-order")[0]
+        c = svc["spec"]["template"]["spec"]["containers"][0]
+        c["envv"] = c.pop("env")
+        return ds
+
+    def knative_probe_typo(ds):
+        svc = find(ds, "Service", "list-products")[0]
+        probe = svc["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]
+        probe["httpget"] = probe.pop("httpGet")
+        return ds
+
+    def statefulset_container_typo(ds):
+        pg = find(ds, "StatefulSet", "postgres")[0]
+        c = pg["spec"]["template"]["spec"]["containers"][0]
+        c["imagePullPolicyy"] = "Always"
+        return ds
+
+    def cronjob_typo(ds):
+        cj = find(ds, "CronJob", "backup")[0]
+        cj["spec"]["concurrencyPolicyy"] = cj["spec"].pop("concurrencyPolicy")
+        return ds
+
+    def pingsource_typo(ds):
+        ps = find(ds, "PingSource")[0]
+        ps["spec"]["schedul"] = ps["spec"].pop("schedule")
+        return ds
+
+    def over_budget(ds):
+        svc = find(ds, "Service", "create-order")[0]
+        svc["spec"]["template"]["metadata"]["annotations"]["autoscaling.knative.dev/max-scale"] = "100"
+        return ds
+
+    return [f for f in (knative_container_typo, knative_probe_typo, statefulset_container_typo,
+                        cronjob_typo, pingsource_typo, over_budget)]
+
+
+def main():
+    failed = False
+    for overlay in OVERLAYS:
+        docs = render(overlay)
+        errors, used, available, lines = check(docs, overlay)
+        kinds = sorted({d["kind"] for d in docs})
+        if errors:
+            failed = True
+            print(f"FAIL {overlay}:")
+            for e in errors:
+                print("  " + e)
+        else:
+            print(f"ok   {overlay}: {len(docs)} objects ({', '.join(kinds)}); connection budget {used}/{available}")
+        if overlay == OVERLAYS[0]:
+            print("\n".join(lines))
+            for mutate in mutations(docs):
+                broken_errors, *_ = check(mutate(copy.deepcopy(docs)), overlay)
+                if broken_errors:
+                    print(f"ok   rejected as it should be: {mutate.__name__}: {broken_errors[0].splitlines()[0]}")
+                else:
+                    failed = True
+                    print(f"FAIL the checks accepted a broken manifest: {mutate.__name__}")
+    secrets = [d for d in yaml.safe_load_all((HERE / "secrets.template.yaml").read_text()) if d]
+    secret_errors = [p for d in secrets for p in problems_of(d)]
+    if secret_errors or any(v != "REPLACE_ME" and "REPLACE_ME" not in v and k.endswith(("PASSWORD", "SECRET", "SECRET_KEY", "KEY_ID"))
+                            for d in secrets for k, v in d.get("stringData", {}).items()):
+        failed = True
+        print("FAIL secrets.template.yaml:", secret_errors or "holds a value that is not a placeholder")
+    else:
+        print(f"ok   secrets.template.yaml: {len(secrets)} Secret templates, placeholders only")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,275 @@
+//! The deployment's contract with the code: every path the runner serves is routed by the
+//! compose proxy to the function that owns it and has a Knative Service; and every function
+//! binary keeps the Knative runtime contract (listens on $PORT, answers /healthz, writes
+//! nothing outside /tmp, drains in-flight requests on SIGTERM and exits 0, starts fast).
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::faults::free_port;
+use crate::helpers::{admin_url, fresh_database, jwt_env, random_u64};
+
+const WORKSPACE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+
+/// The `map "$request_method $uri" $function` block of compose/nginx.conf, in order.
+fn proxy_routes() -> (String, Vec<(regex::Regex, String)>) {
+    let conf = std::fs::read_to_string(format!("{WORKSPACE}/compose/nginx.conf")).unwrap();
+    let block = conf
+        .split("map \"$request_method $uri\" $function {")
+        .nth(1)
+        .unwrap();
+    let block = block.split('}').next().unwrap();
+    let mut default = String::new();
+    let mut routes = Vec::new();
+    for line in block
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+    {
+        let line = line.trim_end_matches(';');
+        let (key, function) = line.rsplit_once(char::is_whitespace).unwrap();
+        let key = key.trim().trim_matches('"');
+        match key.strip_prefix('~') {
+            Some(pattern) => {
+                routes.push((regex::Regex::new(pattern).unwrap(), function.to_owned()))
+            }
+            None if key == "default" => default = function.to_owned(),
+            None => panic!("unexpected map key {key}"),
+        }
+    }
+    (default, routes)
+}
+
+#[test]
+fn the_proxy_routes_every_path_the_runner_serves_to_its_function() {
+    let (default, routes) = proxy_routes();
+    let compose =
+        std::fs::read_to_string(format!("{WORKSPACE}/compose/docker-compose.yml")).unwrap();
+    let mut checked = 0;
+    for (function, function_routes) in tally::functions() {
+        assert!(
+            compose.contains(&format!("\n  {function}:\n")),
+            "{function} has no compose service"
+        );
+        assert!(
+            Path::new(&format!("{WORKSPACE}/knative/base/ksvc-{function}.yaml")).exists(),
+            "{function} has no Knative Service"
+        );
+        for route in function_routes {
+            let path = route.pattern.replace("{id}", "17");
+            let key = format!("{} {path}", route.method);
+            let routed = routes
+                .iter()
+                .find(|(re, _)| re.is_match(&key))
+                .map_or(default.as_str(), |(_, f)| f.as_str());
+            assert_eq!(routed, function, "{key} is routed to {routed}");
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, 8, "every route of the five public functions");
+}
+
+/// A function binary, spawned as Knative runs it: $PORT, config from the environment, and a
+/// working directory of its own that must stay empty.
+struct Function {
+    child: Child,
+    port: u16,
+    workdir: PathBuf,
+}
+
+impl Function {
+    fn spawn(name: &str, db_url: &str) -> Self {
+        let port = free_port();
+        let workdir = PathBuf::from(format!(
+            "{}/cwd-{name}-{:x}",
+            env!("CARGO_TARGET_TMPDIR"),
+            random_u64()
+        ));
+        std::fs::create_dir_all(&workdir).unwrap();
+        let child = Command::new(binary(name))
+            .current_dir(&workdir)
+            .env_clear()
+            .env("HOME", &workdir)
+            .env("TMPDIR", "/tmp")
+            .env("PORT", port.to_string())
+            .env("DATABASE_URL", db_url)
+            .env("LOG_LEVEL", "warn")
+            .envs(jwt_env())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        Self {
+            child,
+            port,
+            workdir,
+        }
+    }
+
+    /// Status of a GET, None while nothing listens.
+    fn get(&self, path: &str) -> Option<u16> {
+        let mut s = TcpStream::connect(("127.0.0.1", self.port)).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        .ok()?;
+        let mut response = String::new();
+        s.read_to_string(&mut response).ok()?;
+        response.split_whitespace().nth(1)?.parse().ok()
+    }
+
+    /// Spawn → first 200 on /healthz (which asks Postgres).
+    fn wait_ready(&self) -> Duration {
+        let started = Instant::now();
+        while self.get("/healthz") != Some(200) {
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "no 200 on /healthz"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        started.elapsed()
+    }
+
+    fn terminate(&self) {
+        let pid = self.child.id().to_string();
+        assert!(
+            Command::new("kill")
+                .args(["-TERM", &pid])
+                .status()
+                .unwrap()
+                .success()
+        );
+    }
+}
+
+impl Drop for Function {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.workdir);
+    }
+}
+
+fn binary(name: &str) -> PathBuf {
+    let tally = PathBuf::from(env!("CARGO_BIN_EXE_tally"));
+    tally.with_file_name(format!("fn-{name}"))
+}
+
+const FUNCTIONS: [&str; 7] = [
+    "list-products",
+    "create-order",
+    "get-order",
+    "cancel-order",
+    "admin-products",
+    "process-orders",
+    "backup",
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_function_binary_keeps_the_knative_runtime_contract() {
+    let db_url = fresh_database(admin_url()).await;
+    let mut cold_starts = Vec::new();
+    for name in FUNCTIONS {
+        let db_url = db_url.clone();
+        let (cold, leftovers, status) = tokio::task::spawn_blocking(move || {
+            let mut f = Function::spawn(name, &db_url);
+            let cold = f.wait_ready();
+            assert_eq!(f.get("/nope"), Some(404), "{name}");
+
+            // A request in flight: headers sent, half the body still to come.
+            let mut slow = TcpStream::connect(("127.0.0.1", f.port)).unwrap();
+            slow.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            write!(slow, "POST /healthz HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 4\r\n\r\n{{}}").unwrap();
+            std::thread::sleep(Duration::from_millis(100));
+            f.terminate();
+            std::thread::sleep(Duration::from_millis(200));
+            assert!(TcpStream::connect(("127.0.0.1", f.port)).is_err(), "{name}: still accepting after SIGTERM");
+            slow.write_all(b"  ").unwrap();
+            let mut response = String::new();
+            let _ = slow.read_to_string(&mut response);
+            assert!(response.starts_with("HTTP/1.1 405"), "{name}: the in-flight request got {response:?}");
+
+            let deadline = Instant::now() + Duration::from_secs(10);
+            let status = loop {
+                if let Some(status) = f.child.try_wait().unwrap() {
+                    break status;
+                }
+                assert!(Instant::now() < deadline, "{name}: did not exit after SIGTERM");
+                std::thread::sleep(Duration::from_millis(10));
+            };
+            let leftovers: Vec<_> = std::fs::read_dir(&f.workdir).unwrap().map(|e| e.unwrap().file_name()).collect();
+            (cold, leftovers, status)
+        })
+        .await
+        .unwrap();
+        assert_eq!(status.code(), Some(0), "{name} exit status");
+        assert!(
+            leftovers.is_empty(),
+            "{name} wrote {leftovers:?} outside /tmp"
+        );
+        cold_starts.push((name, cold));
+    }
+
+    // Cold start of one function, median of 10: spawn to the first 200 on a DB-backed endpoint.
+    let samples = tokio::task::spawn_blocking(move || {
+        let mut samples: Vec<Duration> = (0..10)
+            .map(|_| {
+                let f = Function::spawn("list-products", &db_url);
+                f.wait_ready()
+            })
+            .collect();
+        samples.sort();
+        samples
+    })
+    .await
+    .unwrap();
+    eprintln!(
+        "cold start (spawn -> first 200 on /healthz): list-products median {:?} (min {:?}, max {:?}); first start of each: {}",
+        samples[5],
+        samples[0],
+        samples[9],
+        cold_starts
+            .iter()
+            .map(|(n, d)| format!("{n} {d:?}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    assert!(
+        samples[5] < Duration::from_secs(2),
+        "a debug build still starts in well under 2 s"
+    );
+}
+
+#[test]
+fn a_function_without_its_settings_stops_with_one_clear_line() {
+    for (vars, expect) in [
+        (vec![], "missing environment variable DATABASE_URL"),
+        (
+            vec![
+                ("DATABASE_URL", "postgres://x@127.0.0.1/x"),
+                ("PORT", "eighty"),
+            ],
+            "PORT",
+        ),
+        (
+            vec![("DATABASE_URL", "postgres://x@127.0.0.1/x")],
+            "set JWT_HS256_SECRET or JWT_PUBLIC_KEY_PEM",
+        ),
+    ] {
+        let out = Command::new(binary("create-order"))
+            .env_clear()
+            .envs(vars)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+        assert!(stderr.contains(expect), "{stderr}");
+    }
+}
