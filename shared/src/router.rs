@@ -32,6 +32,12 @@ pub struct AppState {
 }
 
 impl AppState {
+    /// A pooled connection, or 503 after `POOL_TIMEOUT_MS`; the wait is measured.
+    pub async fn db(&self) -> Result<crate::db::Connection<'_>, ApiError> {
+        let _wait = crate::meters::PoolWait::start();
+        Ok(self.pool.get().await?)
+    }
+
     pub fn new(pool: Pool, config: Config) -> Result<Self, ConfigError> {
         let verifier = Verifier::from_config(&config)?.map(Arc::new);
         Ok(Self {
@@ -131,40 +137,74 @@ impl Router {
     }
 
     /// Finds the handler for the request, or says 404 / 405 (with the methods the path allows).
-    pub async fn dispatch(&self, mut request: Request, state: AppState) -> HandlerResult {
+    /// Also returns the matched pattern, which the access log and the metrics use.
+    pub async fn dispatch(
+        &self,
+        mut request: Request,
+        state: AppState,
+    ) -> (HandlerResult, &'static str) {
         let path = request.uri().path().to_owned();
-        if path == "/healthz" {
-            return match *request.method() {
-                Method::GET | Method::HEAD => health(&state).await,
-                _ => Err(ApiError::MethodNotAllowed(vec![Method::GET, Method::HEAD])),
-            };
+        let get_only = |request: &Request| match *request.method() {
+            Method::GET | Method::HEAD => Ok(()),
+            _ => Err(ApiError::MethodNotAllowed(vec![Method::GET, Method::HEAD])),
+        };
+        match path.as_str() {
+            "/healthz" => {
+                let result = match get_only(&request) {
+                    Ok(()) => health(&state).await,
+                    Err(e) => Err(e),
+                };
+                return (result, "/healthz");
+            }
+            "/metrics" => {
+                let result = get_only(&request).map(|()| metrics_text(&state));
+                return (result, "/metrics");
+            }
+            _ => {}
         }
         let mut allowed = Vec::new();
         for route in &self.routes {
             if let Some(params) = route.capture(&path) {
                 if route.method == request.method() {
                     if route.access == Access::Authenticated {
-                        let verifier = state.verifier.as_ref().ok_or(ApiError::Unauthorized)?;
-                        let principal = verifier.verify(request.headers())?;
-                        request.extensions_mut().insert(principal);
+                        let principal = match state.verifier.as_ref() {
+                            Some(verifier) => verifier.verify(request.headers()),
+                            None => Err(ApiError::Unauthorized),
+                        };
+                        match principal {
+                            Ok(principal) => request.extensions_mut().insert(principal),
+                            Err(e) => return (Err(e), route.pattern),
+                        };
                     }
                     request.extensions_mut().insert(params);
-                    return (route.handler)(request, state).await;
+                    return ((route.handler)(request, state).await, route.pattern);
                 }
                 allowed.push(route.method.clone());
             }
         }
         if allowed.is_empty() {
-            Err(ApiError::NotFound)
+            (Err(ApiError::NotFound), "unmatched")
         } else {
-            Err(ApiError::MethodNotAllowed(allowed))
+            (Err(ApiError::MethodNotAllowed(allowed)), "unmatched")
         }
     }
 }
 
+/// `GET /metrics`: Prometheus text format.
+fn metrics_text(state: &AppState) -> Response {
+    http::Response::builder()
+        .status(StatusCode::OK)
+        .header(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )
+        .body(Bytes::from(crate::meters::render(&state.pool)))
+        .expect("static response is valid")
+}
+
 /// The readiness probe: 200 `ok` when Postgres answers a query, 503 otherwise.
 async fn health(state: &AppState) -> HandlerResult {
-    let conn = state.pool.get().await?;
+    let conn = state.db().await?;
     conn.simple_query("").await?;
     Ok(http::Response::builder()
         .status(StatusCode::OK)

@@ -23,7 +23,7 @@ use crate::config::Config;
 use crate::db;
 use crate::error::ApiError;
 use crate::router::{Access, AppState, Route, Router};
-use crate::telemetry;
+use crate::{meters, telemetry};
 
 /// Bodies larger than this are refused with 413 before they are read into memory.
 pub const BODY_LIMIT: usize = 64 * 1024;
@@ -131,6 +131,8 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) {
     let grace = state.config.shutdown_grace();
+    meters::install();
+    meters::spawn_upkeep();
     let router = Arc::new(router);
     let mut builder = auto::Builder::new(TokioExecutor::new());
     // A timer makes hyper's header-read timeout effective: a client that never finishes its
@@ -198,14 +200,16 @@ async fn answer(
     let method = request.method().clone();
     let path = request.uri().path().to_owned();
 
-    let result = match read_body(request).await {
+    let trace_id = trace_id(request.headers()).to_owned();
+    let (result, route) = match read_body(request).await {
         Ok(request) => router.dispatch(request, state).await,
-        Err(e) => Err(e),
+        Err(e) => (Err(e), "unmatched"),
     };
     let mut response = result.unwrap_or_else(|e| {
         if let Some(cause) = e.internal_cause() {
             tracing::error!(
                 request_id = request_id.to_str().unwrap_or(""),
+                trace_id,
                 error = e.code(),
                 cause,
                 "request failed"
@@ -216,12 +220,17 @@ async fn answer(
     response
         .headers_mut()
         .insert(REQUEST_ID, request_id.clone());
+    let elapsed = started.elapsed();
+    let status = response.status().as_u16();
+    meters::record_request(route, method.as_str(), status, elapsed);
     tracing::info!(
         method = method.as_str(),
         path,
-        status = response.status().as_u16(),
-        latency_us = started.elapsed().as_micros() as u64,
+        route,
+        status,
+        latency_us = elapsed.as_micros() as u64,
         request_id = request_id.to_str().unwrap_or(""),
+        trace_id,
         "request"
     );
     response.map(Full::new)
@@ -250,6 +259,27 @@ async fn read_body(request: hyper::Request<Incoming>) -> Result<crate::Request, 
         })?
         .to_bytes();
     Ok(http::Request::from_parts(parts, bytes))
+}
+
+/// The trace id of a W3C `traceparent` (`00-<32 hex trace id>-<16 hex span id>-<2 hex flags>`),
+/// as Knative's ingress and queue-proxy propagate it; empty when absent or malformed.
+fn trace_id(headers: &http::HeaderMap) -> &str {
+    let Some(value) = headers.get("traceparent").and_then(|v| v.to_str().ok()) else {
+        return "";
+    };
+    let mut parts = value.split('-');
+    match (parts.next(), parts.next(), parts.next(), parts.next()) {
+        (Some(version), Some(trace), Some(span), Some(_flags))
+            if version.len() == 2
+                && trace.len() == 32
+                && span.len() == 16
+                && trace.bytes().all(|b| b.is_ascii_hexdigit())
+                && trace != "00000000000000000000000000000000" =>
+        {
+            trace
+        }
+        _ => "",
+    }
 }
 
 /// A caller's id is kept if it is short visible ASCII, so it cannot smuggle anything into logs.

@@ -136,7 +136,7 @@ async fn create_product(request: Request, state: AppState) -> HandlerResult {
             "inventory must be from 0 to {MAX_INVENTORY}"
         )));
     }
-    let conn = state.pool.get().await?;
+    let conn = state.db().await?;
     // ON CONFLICT rather than catching the unique violation: a duplicate is an answer, not an
     // error, and leaves nothing in the server log.
     let sql = format!(
@@ -183,7 +183,7 @@ async fn update_product(request: Request, state: AppState) -> HandlerResult {
         check_price(price)?;
     }
     let name = changes.name.as_deref().map(str::trim);
-    let conn = state.pool.get().await?;
+    let conn = state.db().await?;
     let sql = format!(
         "UPDATE products SET name = coalesce($2, name), price_cents = coalesce($3, price_cents), \
          updated_at = now() WHERE id = $1 RETURNING {PRODUCT_COLUMNS}"
@@ -220,7 +220,7 @@ async fn adjust_inventory(request: Request, state: AppState) -> HandlerResult {
             "note must be at most 500 characters".into(),
         ));
     }
-    let conn = state.pool.get().await?;
+    let conn = state.db().await?;
     let sql = format!(
         "SELECT a.outcome, a.inventory, p.sku, p.name, p.price_cents \
          FROM adjust_inventory($1, $2, $3, $4) a \

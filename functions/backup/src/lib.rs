@@ -20,6 +20,7 @@ use std::process::ExitCode;
 use std::sync::OnceLock;
 
 use http::{Method, StatusCode};
+use metrics::gauge;
 use tally_shared::http::json_response;
 use tally_shared::router::HandlerResult;
 use tally_shared::{ApiError, AppState, Config, Request, Route, auth, runtime, telemetry};
@@ -80,6 +81,12 @@ async fn backup_now(request: Request, state: AppState) -> HandlerResult {
         .clone()
         .ok_or_else(|| ApiError::Internal("no DATABASE_URL".into()))?;
     let report = dump::backup(&url, store_config()?).await?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    gauge!("tally_backup_last_success_timestamp_seconds").set(now.as_secs_f64());
+    gauge!("tally_backup_duration_seconds").set(report.seconds);
+    gauge!("tally_backup_size_bytes").set(report.manifest.size_bytes as f64);
     json_response(StatusCode::OK, &report)
 }
 

@@ -8,7 +8,7 @@ use http::{Method, StatusCode};
 use tally_shared::auth;
 use tally_shared::http::{path_id, raw_json_response};
 use tally_shared::router::HandlerResult;
-use tally_shared::{ApiError, AppState, Request, Route};
+use tally_shared::{ApiError, AppState, Request, Route, meters};
 use tokio_postgres::types::Type;
 
 pub fn routes() -> Vec<Route> {
@@ -24,10 +24,10 @@ pub async fn cancel_order(request: Request, state: AppState) -> HandlerResult {
     let id = path_id(&request, "id")?;
     // The owner, or (None) an admin; someone else's order is answered as a missing one.
     let actor = (!caller.is_admin()).then_some(caller.user_id);
-    let conn = state.pool.get().await?;
-    let rows = conn
-        .query_typed(CANCEL_SQL, &[(&id, Type::INT8), (&actor, Type::INT8)])
-        .await?;
+    let conn = state.db().await?;
+    let params: [(&(dyn tokio_postgres::types::ToSql + Sync), Type); 2] =
+        [(&id, Type::INT8), (&actor, Type::INT8)];
+    let rows = meters::timed("cancel_order", conn.query_typed(CANCEL_SQL, &params)).await?;
     drop(conn);
     let row = rows
         .first()

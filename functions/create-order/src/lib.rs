@@ -6,12 +6,13 @@
 use std::collections::BTreeMap;
 
 use http::{HeaderName, HeaderValue, Method, StatusCode, header};
+use metrics::counter;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use tally_shared::auth::{self, Principal};
 use tally_shared::http::{json_body, raw_json_response};
 use tally_shared::router::HandlerResult;
-use tally_shared::{ApiError, AppState, Request, Route};
+use tally_shared::{ApiError, AppState, Request, Route, meters};
 use tokio_postgres::types::Type;
 
 pub fn routes() -> Vec<Route> {
@@ -136,7 +137,7 @@ pub async fn create_order(request: Request, state: AppState) -> HandlerResult {
     let caller = auth::principal(&request)?;
     let order = OrderRequest::new(json_body::<OrderBody>(&request)?, caller)?;
     let key = idempotency_key(&request)?;
-    let conn = state.pool.get().await?;
+    let conn = state.db().await?;
     // query_typed sends parse, bind and execute together with an unnamed statement: one round
     // trip, and nothing left prepared on the server (safe behind PgBouncer in transaction mode).
     let order_params: [(&(dyn tokio_postgres::types::ToSql + Sync), Type); 3] = [
@@ -145,7 +146,13 @@ pub async fn create_order(request: Request, state: AppState) -> HandlerResult {
         (&order.quantities, Type::INT4_ARRAY),
     ];
     let rows = match &key {
-        None => conn.query_typed(PLACE_ORDER_SQL, &order_params).await?,
+        None => {
+            meters::timed(
+                "place_order",
+                conn.query_typed(PLACE_ORDER_SQL, &order_params),
+            )
+            .await?
+        }
         Some(key) => {
             // Keys belong to the caller, who may be an admin ordering for someone else.
             let fingerprint = order.fingerprint();
@@ -153,7 +160,11 @@ pub async fn create_order(request: Request, state: AppState) -> HandlerResult {
             params.extend(order_params);
             params.push((key, Type::TEXT));
             params.push((&fingerprint, Type::TEXT));
-            conn.query_typed(PLACE_ORDER_KEYED_SQL, &params).await?
+            meters::timed(
+                "place_order_keyed",
+                conn.query_typed(PLACE_ORDER_KEYED_SQL, &params),
+            )
+            .await?
         }
     };
     drop(conn);
@@ -162,6 +173,16 @@ pub async fn create_order(request: Request, state: AppState) -> HandlerResult {
         .ok_or_else(|| ApiError::Internal("place_order returned no row".into()))?;
     let outcome: &str = row.get(0);
     let body: Option<String> = row.get(2);
+    match outcome {
+        "created" => counter!("tally_orders_placed_total").increment(1),
+        "replayed" => counter!("tally_orders_replayed_total").increment(1),
+        "insufficient_inventory" => {
+            counter!("tally_inventory_conflicts_total").increment(1);
+            counter!("tally_orders_rejected_total", "reason" => "insufficient_inventory")
+                .increment(1);
+        }
+        other => counter!("tally_orders_rejected_total", "reason" => other.to_owned()).increment(1),
+    }
     match outcome {
         "created" | "replayed" => {
             let order_id: i64 = row.get(1);

@@ -5,7 +5,7 @@ use http::{Method, StatusCode};
 use tally_shared::auth;
 use tally_shared::http::{path_id, raw_json_response};
 use tally_shared::router::HandlerResult;
-use tally_shared::{ApiError, AppState, Request, Route};
+use tally_shared::{ApiError, AppState, Request, Route, meters};
 use tokio_postgres::types::Type;
 
 pub fn routes() -> Vec<Route> {
@@ -20,8 +20,12 @@ const ORDER_SQL: &str = "SELECT user_id, body FROM order_document($1)";
 pub async fn get_order(request: Request, state: AppState) -> HandlerResult {
     let caller = auth::principal(&request)?;
     let id = path_id(&request, "id")?;
-    let conn = state.pool.get().await?;
-    let rows = conn.query_typed(ORDER_SQL, &[(&id, Type::INT8)]).await?;
+    let conn = state.db().await?;
+    let rows = meters::timed(
+        "order_document",
+        conn.query_typed(ORDER_SQL, &[(&id, Type::INT8)]),
+    )
+    .await?;
     let row = rows.first().ok_or(ApiError::NotFound)?;
     // Someone else's order is answered exactly as a missing one: its existence is not revealed.
     if !caller.may_access(row.get(0)) {

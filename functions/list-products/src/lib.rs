@@ -4,7 +4,7 @@
 use http::{HeaderValue, Method, StatusCode, header};
 use serde::Serialize;
 use tally_shared::http::{json_response, path_id, query_pairs};
-use tally_shared::{ApiError, AppState, Request, Route};
+use tally_shared::{ApiError, AppState, Request, Route, meters};
 use tokio_postgres::Row;
 use tokio_postgres::types::Type;
 
@@ -97,17 +97,13 @@ pub async fn list_products(
     state: AppState,
 ) -> tally_shared::router::HandlerResult {
     let page = Page::from_request(&request)?;
-    let conn = state.pool.get().await?;
+    let conn = state.db().await?;
     // One row more than asked tells whether there is a next page.
-    let rows = conn
-        .query_typed(
-            LIST_SQL,
-            &[
-                (&page.after_id, Type::INT8),
-                (&(page.limit + 1), Type::INT8),
-            ],
-        )
-        .await?;
+    let params: [(&(dyn tokio_postgres::types::ToSql + Sync), Type); 2] = [
+        (&page.after_id, Type::INT8),
+        (&(page.limit + 1), Type::INT8),
+    ];
+    let rows = meters::timed("list_products", conn.query_typed(LIST_SQL, &params)).await?;
     drop(conn);
     let has_more = rows.len() as i64 > page.limit;
     let products: Vec<Product> = rows
@@ -130,8 +126,12 @@ pub async fn list_products(
 
 pub async fn get_product(request: Request, state: AppState) -> tally_shared::router::HandlerResult {
     let id = path_id(&request, "id")?;
-    let conn = state.pool.get().await?;
-    let rows = conn.query_typed(GET_SQL, &[(&id, Type::INT8)]).await?;
+    let conn = state.db().await?;
+    let rows = meters::timed(
+        "get_product",
+        conn.query_typed(GET_SQL, &[(&id, Type::INT8)]),
+    )
+    .await?;
     let product = rows.first().map(Product::from).ok_or(ApiError::NotFound)?;
     json_response(StatusCode::OK, &product)
 }

@@ -15,6 +15,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use http::{Method, StatusCode};
+use metrics::counter;
 use serde::{Deserialize, Serialize};
 use tally_shared::http::json_response;
 use tally_shared::router::HandlerResult;
@@ -138,6 +139,31 @@ const FORGET_KEYS_SQL: &str =
 
 /// One sweep. Each statement is its own short transaction; the step runs between them.
 pub async fn sweep(
+    pool: &Pool,
+    config: &ProcessorConfig,
+    step: &dyn FulfilmentStep,
+) -> Result<SweepSummary, ApiError> {
+    let result = sweep_inner(pool, config, step).await;
+    match &result {
+        Ok(s) => {
+            counter!("tally_processor_sweeps_total", "result" => "ok").increment(1);
+            for (outcome, n) in [
+                ("claimed", s.claimed),
+                ("confirmed", s.confirmed),
+                ("failed", s.failed),
+                ("retried", s.retried),
+                ("expired", s.expired),
+                ("keys_deleted", s.keys_deleted),
+            ] {
+                counter!("tally_processor_orders_total", "outcome" => outcome).increment(n);
+            }
+        }
+        Err(_) => counter!("tally_processor_sweeps_total", "result" => "error").increment(1),
+    }
+    result
+}
+
+async fn sweep_inner(
     pool: &Pool,
     config: &ProcessorConfig,
     step: &dyn FulfilmentStep,

@@ -82,6 +82,11 @@ struct Function {
 
 impl Function {
     fn spawn(name: &str, db_url: &str) -> Self {
+        Self::spawn_logging(name, db_url, false)
+    }
+
+    /// With `log`, the access log (info level) is readable on the child's stdout.
+    fn spawn_logging(name: &str, db_url: &str, log: bool) -> Self {
         let port = free_port();
         let workdir = PathBuf::from(format!(
             "{}/cwd-{name}-{:x}",
@@ -96,9 +101,9 @@ impl Function {
             .env("TMPDIR", "/tmp")
             .env("PORT", port.to_string())
             .env("DATABASE_URL", db_url)
-            .env("LOG_LEVEL", "warn")
+            .env("LOG_LEVEL", if log { "info" } else { "warn" })
             .envs(jwt_env())
-            .stdout(Stdio::null())
+            .stdout(if log { Stdio::piped() } else { Stdio::null() })
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
@@ -121,6 +126,34 @@ impl Function {
         let mut response = String::new();
         s.read_to_string(&mut response).ok()?;
         response.split_whitespace().nth(1)?.parse().ok()
+    }
+
+    /// One HTTP/1.1 request on a fresh connection: (status, body).
+    fn send(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &str,
+    ) -> (u16, String) {
+        let mut s = TcpStream::connect(("127.0.0.1", self.port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut head = format!(
+            "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {}\r\n",
+            body.len()
+        );
+        for (name, value) in headers {
+            head.push_str(&format!("{name}: {value}\r\n"));
+        }
+        write!(s, "{head}\r\n{body}").unwrap();
+        let mut response = String::new();
+        s.read_to_string(&mut response).unwrap();
+        let status = response.split_whitespace().nth(1).unwrap().parse().unwrap();
+        let body = response
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_owned())
+            .unwrap_or_default();
+        (status, body)
     }
 
     /// Spawn → first 200 on /healthz (which asks Postgres).
@@ -272,4 +305,172 @@ fn a_function_without_its_settings_stops_with_one_clear_line() {
         assert_eq!(stderr.lines().count(), 1, "{stderr}");
         assert!(stderr.contains(expect), "{stderr}");
     }
+}
+
+/// The value of the sample whose line contains every one of `parts`.
+fn sample(metrics: &str, name: &str, parts: &[&str]) -> Option<f64> {
+    metrics
+        .lines()
+        .filter(|l| {
+            l.starts_with(name)
+                && (l[name.len()..].starts_with(' ') || l[name.len()..].starts_with('{'))
+        })
+        .find(|l| parts.iter().all(|p| l.contains(p)))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_requests_orders_and_rejections_exactly() {
+    let db_url = fresh_database(admin_url()).await;
+    let (client, conn) = tokio_postgres::connect(&db_url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    tally_shared::migrate::seed_if_empty(&client).await.unwrap();
+    let config = crate::helpers::test_config(&db_url, &[]);
+    let token = tally_shared::auth::mint(
+        &config,
+        1,
+        tally_shared::auth::Role::Customer,
+        Duration::from_secs(60),
+    )
+    .unwrap();
+    let text = tokio::task::spawn_blocking(move || {
+        let f = Function::spawn("create-order", &db_url);
+        f.wait_ready();
+        let bearer = format!("Bearer {token}");
+        let json = ("content-type", "application/json");
+        let ok = r#"{"items":[{"product_id":1,"quantity":1}]}"#;
+        let short = r#"{"items":[{"product_id":3,"quantity":5}]}"#;
+        for _ in 0..3 {
+            assert_eq!(
+                f.send("POST", "/orders", &[json, ("authorization", &bearer)], ok)
+                    .0,
+                201
+            );
+        }
+        for _ in 0..2 {
+            assert_eq!(
+                f.send(
+                    "POST",
+                    "/orders",
+                    &[json, ("authorization", &bearer)],
+                    short
+                )
+                .0,
+                409
+            );
+        }
+        assert_eq!(f.send("POST", "/orders", &[json], ok).0, 401);
+        let (status, text) = f.send("GET", "/metrics", &[], "");
+        assert_eq!(status, 200);
+        text
+    })
+    .await
+    .unwrap();
+    let route = "route=\"/orders\"";
+    assert_eq!(
+        sample(&text, "tally_orders_placed_total", &[]),
+        Some(3.0),
+        "{text}"
+    );
+    assert_eq!(
+        sample(
+            &text,
+            "tally_orders_rejected_total",
+            &["reason=\"insufficient_inventory\""]
+        ),
+        Some(2.0)
+    );
+    assert_eq!(
+        sample(&text, "tally_inventory_conflicts_total", &[]),
+        Some(2.0)
+    );
+    assert_eq!(
+        sample(
+            &text,
+            "tally_http_requests_total",
+            &[route, "status=\"201\""]
+        ),
+        Some(3.0)
+    );
+    assert_eq!(
+        sample(
+            &text,
+            "tally_http_requests_total",
+            &[route, "status=\"409\""]
+        ),
+        Some(2.0)
+    );
+    assert_eq!(
+        sample(
+            &text,
+            "tally_http_requests_total",
+            &[route, "status=\"401\""]
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(
+            &text,
+            "tally_http_request_duration_seconds_count",
+            &[route, "status=\"201\""]
+        ),
+        Some(3.0)
+    );
+    assert_eq!(
+        sample(
+            &text,
+            "tally_db_statement_duration_seconds_count",
+            &["statement=\"place_order\""]
+        ),
+        Some(5.0)
+    );
+    assert!(
+        sample(&text, "tally_db_pool_connections", &["state=\"idle\""]).is_some_and(|n| n >= 1.0)
+    );
+    assert_eq!(sample(&text, "tally_db_pool_waiting", &[]), Some(0.0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_logs_carry_the_callers_trace_id() {
+    let db_url = fresh_database(admin_url()).await;
+    let line = tokio::task::spawn_blocking(move || {
+        let mut f = Function::spawn_logging("list-products", &db_url, true);
+        f.wait_ready();
+        let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        assert_eq!(
+            f.send(
+                "GET",
+                "/products",
+                &[("traceparent", traceparent), ("x-request-id", "req-42")],
+                ""
+            )
+            .0,
+            200
+        );
+        f.terminate();
+        let mut out = String::new();
+        f.child
+            .stdout
+            .take()
+            .unwrap()
+            .read_to_string(&mut out)
+            .unwrap();
+        out.lines()
+            .find(|l| l.contains("req-42"))
+            .unwrap_or_default()
+            .to_owned()
+    })
+    .await
+    .unwrap();
+    let log: serde_json::Value =
+        serde_json::from_str(&line).unwrap_or_else(|_| panic!("not JSON: {line:?}"));
+    assert_eq!(log["trace_id"], "4bf92f3577b34da6a3ce929d0e0e4736");
+    assert_eq!(log["request_id"], "req-42");
+    assert_eq!(log["route"], "/products");
+    assert_eq!(log["status"], 200);
+    assert_eq!(log["method"], "GET");
+    assert!(log["latency_us"].as_u64().is_some());
 }
