@@ -33,7 +33,8 @@ pub fn lazy_pool(config: &Config, application_name: &str) -> Result<Pool, Config
         .connection_timeout(config.pool_timeout())
         // Checking every checkout would add a round trip to every request. A dead connection
         // is noticed by `has_broken` (its socket closed), and a request that still hits one
-        // gets 503 once; the pool replaces it.
-        .test_on_check_out(false)
+        // gets 503 once; the pool replaces it. Under Lambda the environment is frozen between
+        // invocations and its sockets can die silently, so there every checkout is checked.
+        .test_on_check_out(crate::lambda::is_lambda())
         .build_unchecked(manager))
 }

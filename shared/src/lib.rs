@@ -9,6 +9,7 @@
 //! - [`router`]: `(method, path pattern)` → handler, with 404/405 and `/healthz`.
 //! - [`runtime`]: the hyper server: listener, body cap, request id, access log, graceful shutdown.
 //! - [`telemetry`]: JSON log lines on stdout.
+//! - [`lambda`]: the same router under AWS Lambda (`lambda_http`), chosen at start.
 //! - [`meters`]: Prometheus metrics, rendered at `/metrics`.
 //! - [`migrate`]: the embedded `sql/migrations` (refinery) and the demo seed.
 //! - [`devdb`]: a private PostgreSQL cluster for the local runner and the tests.
@@ -19,6 +20,7 @@ pub mod db;
 pub mod devdb;
 pub mod error;
 pub mod http;
+pub mod lambda;
 pub mod meters;
 pub mod migrate;
 pub mod router;

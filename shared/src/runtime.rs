@@ -23,7 +23,7 @@ use crate::config::Config;
 use crate::db;
 use crate::error::ApiError;
 use crate::router::{Access, AppState, Route, Router};
-use crate::{meters, telemetry};
+use crate::{lambda, meters, telemetry};
 
 /// Bodies larger than this are refused with 413 before they are read into memory.
 pub const BODY_LIMIT: usize = 64 * 1024;
@@ -40,6 +40,18 @@ pub fn run(name: &'static str, routes: Vec<Route>) -> ExitCode {
                 "{name}: configuration error: set JWT_HS256_SECRET or JWT_PUBLIC_KEY_PEM (this function's routes need a bearer token)"
             );
             return ExitCode::FAILURE;
+        }
+        // The adapter is chosen here, before lambda_http could panic for want of its variables.
+        if lambda::is_lambda() {
+            tracing::info!(function = name, "serving AWS Lambda invocations");
+            meters::install();
+            return match lambda::serve(Router::new().mount(routes), state).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!(function = name, error = %e, "the Lambda runtime stopped");
+                    ExitCode::FAILURE
+                }
+            };
         }
         let addr = SocketAddr::new(state.config.host, state.config.port);
         let listener = match TcpListener::bind(addr).await {
@@ -184,25 +196,44 @@ pub async fn serve(
     }
 }
 
-/// One request, start to finish: id, body, dispatch, error mapping, access log.
+/// One request from hyper: the body is read (capped) as part of answering it.
 async fn answer(
     request: hyper::Request<Incoming>,
     router: &Router,
     state: AppState,
 ) -> hyper::Response<Full<Bytes>> {
+    let (parts, body) = request.into_parts();
+    let declared = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    respond(parts, read_body(declared, body), router, state)
+        .await
+        .map(Full::new)
+}
+
+/// One request, start to finish, whichever adapter carried it (hyper here, or Lambda): request
+/// id, body, dispatch, the one error mapping, metrics and the access log.
+pub async fn respond(
+    parts: http::request::Parts,
+    body: impl Future<Output = Result<Bytes, ApiError>>,
+    router: &Router,
+    state: AppState,
+) -> crate::Response {
     let started = Instant::now();
-    let request_id = request
-        .headers()
+    let request_id = parts
+        .headers
         .get(REQUEST_ID)
         .filter(|v| is_reasonable_id(v))
         .cloned()
         .unwrap_or_else(new_request_id);
-    let method = request.method().clone();
-    let path = request.uri().path().to_owned();
+    let method = parts.method.clone();
+    let path = parts.uri.path().to_owned();
+    let trace_id = trace_id(&parts.headers).to_owned();
 
-    let trace_id = trace_id(request.headers()).to_owned();
-    let (result, route) = match read_body(request).await {
-        Ok(request) => router.dispatch(request, state).await,
+    let (result, route) = match body.await {
+        Ok(bytes) => router.dispatch(http::Request::from_parts(parts, bytes), state).await,
         Err(e) => (Err(e), "unmatched"),
     };
     let mut response = result.unwrap_or_else(|e| {
@@ -233,21 +264,16 @@ async fn answer(
         trace_id,
         "request"
     );
-    response.map(Full::new)
+    response
 }
 
-/// Reads the body into memory, refusing more than [`BODY_LIMIT`] bytes.
-async fn read_body(request: hyper::Request<Incoming>) -> Result<crate::Request, ApiError> {
-    let declared = request
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
+/// Reads the body into memory, refusing more than [`BODY_LIMIT`] bytes: at once when the
+/// declared length says so, else as soon as the stream passes the limit.
+async fn read_body(declared: Option<u64>, body: Incoming) -> Result<Bytes, ApiError> {
     if declared.is_some_and(|n| n > BODY_LIMIT as u64) {
         return Err(ApiError::PayloadTooLarge { limit: BODY_LIMIT });
     }
-    let (parts, body) = request.into_parts();
-    let bytes = Limited::new(body, BODY_LIMIT)
+    Ok(Limited::new(body, BODY_LIMIT)
         .collect()
         .await
         .map_err(|e| {
@@ -257,8 +283,7 @@ async fn read_body(request: hyper::Request<Incoming>) -> Result<crate::Request, 
                 ApiError::InvalidRequest(format!("the body could not be read: {e}"))
             }
         })?
-        .to_bytes();
-    Ok(http::Request::from_parts(parts, bytes))
+        .to_bytes())
 }
 
 /// The trace id of a W3C `traceparent` (`00-<32 hex trace id>-<16 hex span id>-<2 hex flags>`),

@@ -1,0 +1,105 @@
+//! The load generator: N keep-alive HTTP/1.1 connections, each sending its next request as
+//! soon as the last is answered, for a fixed time. Latencies are kept whole (microseconds)
+//! so the percentiles are exact.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::Request;
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
+use serde::Serialize;
+
+/// Makes request number `i` of connection `c`.
+pub type MakeRequest = std::sync::Arc<dyn Fn(usize, u64) -> Request<Full<Bytes>> + Send + Sync>;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct LoadResult {
+    pub requests: u64,
+    pub seconds: f64,
+    pub throughput: f64,
+    pub p50_ms: f64,
+    pub p90_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+    pub statuses: BTreeMap<u16, u64>,
+}
+
+impl LoadResult {
+    pub fn server_errors(&self) -> u64 {
+        self.statuses.iter().filter(|(s, _)| **s >= 500).map(|(_, n)| n).sum()
+    }
+}
+
+/// Drives `connections` connections at `addr` for `duration`.
+pub async fn run(addr: SocketAddr, connections: usize, duration: Duration, make: MakeRequest) -> LoadResult {
+    let started = Instant::now();
+    let deadline = started + duration;
+    let mut tasks = Vec::new();
+    for c in 0..connections {
+        let make = make.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut latencies = Vec::with_capacity(16 * 1024);
+            let mut statuses: BTreeMap<u16, u64> = BTreeMap::new();
+            let stream = tokio::net::TcpStream::connect(addr).await.expect("connect to the API");
+            stream.set_nodelay(true).ok();
+            let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+                .await
+                .expect("HTTP handshake");
+            tokio::spawn(connection);
+            // A per-connection xorshift seed: request bodies differ but runs repeat.
+            let mut seed = 0x9E37_79B9_7F4A_7C15u64 ^ (c as u64 + 1).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            while Instant::now() < deadline {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                let request = make(c, seed);
+                let sent = Instant::now();
+                let status = match sender.send_request(request).await {
+                    Ok(response) => {
+                        let status = response.status().as_u16();
+                        let _ = response.into_body().collect().await;
+                        status
+                    }
+                    Err(_) => 599,
+                };
+                latencies.push(sent.elapsed().as_micros() as u32);
+                *statuses.entry(status).or_default() += 1;
+                if status == 599 {
+                    break;
+                }
+            }
+            (latencies, statuses)
+        }));
+    }
+    let mut latencies = Vec::new();
+    let mut statuses = BTreeMap::new();
+    for t in tasks {
+        let (l, s) = t.await.expect("a load task");
+        latencies.extend(l);
+        for (k, v) in s {
+            *statuses.entry(k).or_default() += v;
+        }
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    latencies.sort_unstable();
+    let pct = |p: f64| {
+        if latencies.is_empty() {
+            return 0.0;
+        }
+        let i = ((latencies.len() as f64 * p).ceil() as usize).clamp(1, latencies.len()) - 1;
+        f64::from(latencies[i]) / 1000.0
+    };
+    LoadResult {
+        requests: latencies.len() as u64,
+        seconds,
+        throughput: latencies.len() as f64 / seconds,
+        p50_ms: pct(0.50),
+        p90_ms: pct(0.90),
+        p99_ms: pct(0.99),
+        max_ms: latencies.last().map_or(0.0, |m| f64::from(*m) / 1000.0),
+        statuses,
+    }
+}
