@@ -29,12 +29,21 @@ pub struct LoadResult {
 
 impl LoadResult {
     pub fn server_errors(&self) -> u64 {
-        self.statuses.iter().filter(|(s, _)| **s >= 500).map(|(_, n)| n).sum()
+        self.statuses
+            .iter()
+            .filter(|(s, _)| **s >= 500)
+            .map(|(_, n)| n)
+            .sum()
     }
 }
 
 /// Drives `connections` connections at `addr` for `duration`.
-pub async fn run(addr: SocketAddr, connections: usize, duration: Duration, make: MakeRequest) -> LoadResult {
+pub async fn run(
+    addr: SocketAddr,
+    connections: usize,
+    duration: Duration,
+    make: MakeRequest,
+) -> LoadResult {
     let started = Instant::now();
     let deadline = started + duration;
     let mut tasks = Vec::new();
@@ -43,14 +52,18 @@ pub async fn run(addr: SocketAddr, connections: usize, duration: Duration, make:
         tasks.push(tokio::spawn(async move {
             let mut latencies = Vec::with_capacity(16 * 1024);
             let mut statuses: BTreeMap<u16, u64> = BTreeMap::new();
-            let stream = tokio::net::TcpStream::connect(addr).await.expect("connect to the API");
-            stream.set_nodelay(true).ok();
-            let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            let stream = tokio::net::TcpStream::connect(addr)
                 .await
-                .expect("HTTP handshake");
+                .expect("connect to the API");
+            stream.set_nodelay(true).ok();
+            let (mut sender, connection) =
+                hyper::client::conn::http1::handshake(TokioIo::new(stream))
+                    .await
+                    .expect("HTTP handshake");
             tokio::spawn(connection);
             // A per-connection xorshift seed: request bodies differ but runs repeat.
-            let mut seed = 0x9E37_79B9_7F4A_7C15u64 ^ (c as u64 + 1).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            let mut seed =
+                0x9E37_79B9_7F4A_7C15u64 ^ (c as u64 + 1).wrapping_mul(0xBF58_476D_1CE4_E5B9);
             while Instant::now() < deadline {
                 seed ^= seed << 13;
                 seed ^= seed >> 7;

@@ -24,10 +24,12 @@ pub fn is_lambda() -> bool {
 /// Answers invocations until the runtime stops. Call only when [`is_lambda`].
 pub async fn serve(router: Router, state: AppState) -> Result<(), lambda_http::Error> {
     let router = Arc::new(router);
-    lambda_http::run(lambda_http::service_fn(move |event: lambda_http::Request| {
-        let (router, state) = (router.clone(), state.clone());
-        async move { Ok::<_, Infallible>(answer(event, &router, state).await) }
-    }))
+    lambda_http::run(lambda_http::service_fn(
+        move |event: lambda_http::Request| {
+            let (router, state) = (router.clone(), state.clone());
+            async move { Ok::<_, Infallible>(answer(event, &router, state).await) }
+        },
+    ))
     .await
 }
 
@@ -67,7 +69,10 @@ fn strip_stage(parts: &mut http::request::Parts) {
     };
     let prefix = format!("/{stage}");
     let path = parts.uri.path();
-    let Some(rest) = path.strip_prefix(&prefix).filter(|r| r.is_empty() || r.starts_with('/')) else {
+    let Some(rest) = path
+        .strip_prefix(&prefix)
+        .filter(|r| r.is_empty() || r.starts_with('/'))
+    else {
         return;
     };
     let rest = if rest.is_empty() { "/" } else { rest };

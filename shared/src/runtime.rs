@@ -233,7 +233,11 @@ pub async fn respond(
     let trace_id = trace_id(&parts.headers).to_owned();
 
     let (result, route) = match body.await {
-        Ok(bytes) => router.dispatch(http::Request::from_parts(parts, bytes), state).await,
+        Ok(bytes) => {
+            router
+                .dispatch(http::Request::from_parts(parts, bytes), state)
+                .await
+        }
         Err(e) => (Err(e), "unmatched"),
     };
     let mut response = result.unwrap_or_else(|e| {

@@ -8,6 +8,7 @@ mod bad_input;
 mod deploy;
 mod faults;
 mod helpers;
+mod lambda;
 mod lifecycle;
 mod orders;
 mod processor;
