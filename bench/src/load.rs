@@ -37,6 +37,17 @@ impl LoadResult {
     }
 }
 
+/// A short warm-up (the pool fills, plans get cached), then the measured run.
+pub async fn measure(
+    addr: SocketAddr,
+    connections: usize,
+    duration: Duration,
+    make: MakeRequest,
+) -> LoadResult {
+    run(addr, connections, Duration::from_millis(300), make.clone()).await;
+    run(addr, connections, duration, make).await
+}
+
 /// Drives `connections` connections at `addr` for `duration`.
 pub async fn run(
     addr: SocketAddr,
