@@ -588,3 +588,43 @@ async fn a_large_database_backs_up_in_bounded_memory() {
     );
     assert!(peak > 0 && peak < 50 * 1024, "peak RSS {peak} kB");
 }
+
+#[tokio::test]
+async fn a_local_directory_store_serves_development() {
+    let app = TestApp::spawn().await;
+    app.order(1, &[(2, 3)]).await;
+    let dir = PathBuf::from(format!(
+        "{}/backup-dir-{:x}",
+        env!("CARGO_TARGET_TMPDIR"),
+        random_u64()
+    ));
+    let config = StoreConfig {
+        backup_store: "file".into(),
+        backup_dir: Some(dir.clone()),
+        backup_bucket: None,
+        backup_endpoint: None,
+        backup_region: "us-east-1".into(),
+        backup_virtual_hosted: false,
+        aws_access_key_id: None,
+        aws_secret_access_key: None,
+        backup_prefix: "backups".into(),
+        backup_retain: 7,
+        backup_request_timeout_secs: 5,
+        backup_lock_wait_timeout_ms: 5_000,
+    };
+    let report = dump::backup(&app.db_url, &config).await.unwrap();
+    assert!(dir.join(&report.manifest.dump_key).is_file());
+    assert!(dir.join(&report.manifest_key).is_file());
+    let target = fresh_database(admin_url()).await;
+    let r = restore::restore(
+        &config,
+        &database_of(&app.db_url),
+        &Selector::Latest,
+        &target,
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.dump_key, report.manifest.dump_key);
+    assert_eq!(checksums(&target).await, checksums(&app.db_url).await);
+    let _ = std::fs::remove_dir_all(&dir);
+}
