@@ -2,6 +2,7 @@
 //!
 //! # Layout
 //! - [`auth`]: bearer JWT verification and the [`auth::Principal`] a request acts as.
+//! - [`catalog`]: the product as the API shows it.
 //! - [`config`]: settings from the environment (`envy`), failing at start with one clear line.
 //! - [`db`]: the lazily connected Postgres pool (`bb8` + `tokio-postgres`).
 //! - [`error`]: [`ApiError`], the one error type, and its one mapping to `problem+json`.
@@ -15,6 +16,7 @@
 //! - [`devdb`]: a private PostgreSQL cluster for the local runner and the tests.
 
 pub mod auth;
+pub mod catalog;
 pub mod config;
 pub mod db;
 pub mod devdb;

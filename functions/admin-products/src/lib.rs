@@ -5,12 +5,12 @@
 //!   ledger row in the same transaction.
 
 use http::{HeaderValue, Method, StatusCode, header};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use tally_shared::auth;
+use tally_shared::catalog::{PRODUCT_COLUMNS, Product};
 use tally_shared::http::{json_body, json_response, path_id};
 use tally_shared::router::HandlerResult;
 use tally_shared::{ApiError, AppState, Request, Route};
-use tokio_postgres::Row;
 use tokio_postgres::types::Type;
 
 pub fn routes() -> Vec<Route> {
@@ -31,27 +31,6 @@ pub fn routes() -> Vec<Route> {
 const MAX_PRICE_CENTS: i64 = 10_000_000_000;
 const MAX_INVENTORY: i64 = 1_000_000_000_000;
 const MAX_DELTA: i64 = 1_000_000_000;
-
-#[derive(Debug, Serialize)]
-struct Product {
-    id: i64,
-    sku: String,
-    name: String,
-    price_cents: i64,
-    inventory: i64,
-}
-
-impl From<&Row> for Product {
-    fn from(row: &Row) -> Self {
-        Self {
-            id: row.get(0),
-            sku: row.get(1),
-            name: row.get(2),
-            price_cents: row.get(3),
-            inventory: row.get(4),
-        }
-    }
-}
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -122,8 +101,6 @@ fn check_price(price: i64) -> Result<(), ApiError> {
             ApiError::InvalidRequest(format!("price_cents must be from 0 to {MAX_PRICE_CENTS}"))
         })
 }
-
-const PRODUCT_COLUMNS: &str = "id, sku, name, price_cents, inventory";
 
 async fn create_product(request: Request, state: AppState) -> HandlerResult {
     auth::principal(&request)?.require_admin()?;

@@ -2,10 +2,9 @@
 //! `GET /products/{id}`.
 
 use http::{HeaderValue, Method, StatusCode, header};
-use serde::Serialize;
+use tally_shared::catalog::Product;
 use tally_shared::http::{json_response, path_id, query_pairs};
 use tally_shared::{ApiError, AppState, Request, Route, meters};
-use tokio_postgres::Row;
 use tokio_postgres::types::Type;
 
 pub fn routes() -> Vec<Route> {
@@ -21,27 +20,6 @@ pub fn routes() -> Vec<Route> {
 
 const DEFAULT_LIMIT: i64 = 100;
 const MAX_LIMIT: i64 = 1000;
-
-#[derive(Debug, Serialize)]
-pub struct Product {
-    pub id: i64,
-    pub sku: String,
-    pub name: String,
-    pub price_cents: i64,
-    pub inventory: i64,
-}
-
-impl From<&Row> for Product {
-    fn from(row: &Row) -> Self {
-        Self {
-            id: row.get(0),
-            sku: row.get(1),
-            name: row.get(2),
-            price_cents: row.get(3),
-            inventory: row.get(4),
-        }
-    }
-}
 
 /// `?limit=&after_id=`, checked.
 #[derive(Debug, PartialEq)]
