@@ -5,8 +5,9 @@
 //!     cargo run --release -p bench                 # full run; writes bench/results/latest.{json,md}
 //!     cargo run -p bench -- --smoke                # a few seconds, debug binaries: no 5xx, books balance
 //!
-//! Options: --duration SECS (10), --connections N (32), --server URL (the PostgreSQL server:
-//! $BENCH_DATABASE_URL, $TEST_DATABASE_URL, or postgres://postgres@127.0.0.1:5432/postgres).
+//! Options: --duration SECS (10), --connections N (32), --pool N (4), --only SCENARIO (just that
+//! one, no pgbench), --server URL (the PostgreSQL server: $BENCH_DATABASE_URL,
+//! $TEST_DATABASE_URL, or postgres://postgres@127.0.0.1:5432/postgres).
 
 mod load;
 
@@ -39,6 +40,8 @@ struct Options {
     server: String,
     profile: &'static str,
     pool: u32,
+    /// Run just this scenario (by name prefix) and stop: for quick before/after comparisons.
+    only: Option<String>,
 }
 
 fn options() -> Result<Options, String> {
@@ -56,6 +59,7 @@ fn options() -> Result<Options, String> {
             "release"
         },
         pool: 4,
+        only: None,
     };
     while let Some(a) = args.next() {
         let mut value = || args.next().ok_or(format!("{a} needs a value"));
@@ -71,6 +75,7 @@ fn options() -> Result<Options, String> {
             "--connections" => o.connections = value()?.parse().map_err(|_| "--connections N")?,
             "--server" => o.server = value()?,
             "--pool" => o.pool = value()?.parse().map_err(|_| "--pool N")?,
+            "--only" => o.only = Some(value()?),
             other => return Err(format!("unknown option {other}")),
         }
     }
@@ -114,7 +119,11 @@ impl Server {
             .env("POOL_SIZE", pool.to_string())
             .env("JWT_HS256_SECRET", SECRET)
             .env("PROCESS_EVERY_MS", "0")
-            .env("LOG_LEVEL", "info")
+            // The access log is part of the cost being measured; BENCH_LOG_LEVEL=warn shows how much.
+            .env(
+                "LOG_LEVEL",
+                std::env::var("BENCH_LOG_LEVEL").unwrap_or_else(|_| "info".into()),
+            )
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -375,6 +384,12 @@ async fn main() -> ExitCode {
     let mut reports = Vec::new();
     let server = Server::start(&runner, &url, o.pool);
     for (name, make) in scenarios(hot, first_spread) {
+        if o.only
+            .as_ref()
+            .is_some_and(|only| !name.starts_with(only.as_str()))
+        {
+            continue;
+        }
         let result = load::measure(server.addr, o.connections, o.duration, make).await;
         eprintln!(
             "bench: {name}: {:.0}/s p50 {:.2} ms p99 {:.2} ms {:?}",
@@ -393,7 +408,7 @@ async fn main() -> ExitCode {
     let server_errors: u64 = reports.iter().map(|r| r.load.server_errors()).sum();
     let drift = books_drift(&url).await;
     eprintln!("bench: {server_errors} server errors; {drift} products whose books do not balance");
-    if o.smoke {
+    if o.smoke || o.only.is_some() {
         drop_database(&o.server, &url).await;
         return if server_errors == 0 && drift == 0 && reports.iter().all(|r| r.load.requests > 0) {
             println!(
