@@ -183,7 +183,7 @@ async fn adjust_inventory(request: Request, state: AppState) -> HandlerResult {
     auth::principal(&request)?.require_admin()?;
     let id = path_id(&request, "id")?;
     let adjustment: Adjustment = json_body(&request)?;
-    if adjustment.delta == 0 || adjustment.delta.abs() > MAX_DELTA {
+    if adjustment.delta == 0 || !(-MAX_DELTA..=MAX_DELTA).contains(&adjustment.delta) {
         return Err(ApiError::InvalidRequest(format!(
             "delta must be non-zero and at most {MAX_DELTA} either way"
         )));

@@ -183,6 +183,12 @@ async fn dump_and_upload(
         }
     }
     .await;
+    // After a failed upload nobody reads pg_dump's output any more: it would block on a full
+    // pipe and never exit, holding the lock and the snapshot. Close the pipe and stop it.
+    drop(stdout);
+    if streamed.is_err() {
+        let _ = child.start_kill();
+    }
     let status = child.wait().await;
     let pg_dump_errors = stderr_task.await.unwrap_or_default();
     // The snapshot is no longer needed once pg_dump has finished with it.

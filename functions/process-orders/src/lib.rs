@@ -75,6 +75,9 @@ pub struct ClaimedOrder {
     pub id: i64,
     pub user_id: i64,
     pub total_cents: i64,
+    /// The claim token: the order's `attempts` when this processor claimed it. Outcomes are
+    /// recorded only while it still matches, so a lapsed claim is never acted on twice.
+    pub attempts: i32,
 }
 
 /// What the fulfilment step decided for one order.
@@ -112,6 +115,8 @@ pub struct SweepSummary {
     pub retried: u64,
     pub expired: u64,
     pub keys_deleted: u64,
+    /// Claimed, but the lease ran out before the step could start: left for the next sweep.
+    pub lapsed: u64,
 }
 
 impl SweepSummary {
@@ -128,12 +133,13 @@ const CLAIM_SQL: &str = "UPDATE orders o \
                       AND created_at >= now() - make_interval(secs => $1) \
                       AND (claimed_until IS NULL OR claimed_until < now()) \
                     ORDER BY id LIMIT $3 FOR UPDATE SKIP LOCKED) \
-     RETURNING o.id, o.user_id, o.total_cents";
-const CONFIRM_SQL: &str = "UPDATE orders SET status = 'CONFIRMED', claimed_until = NULL, \
-     updated_at = now() WHERE id = ANY($1) AND status = 'PENDING'";
-const FAIL_SQL: &str = "SELECT outcome FROM release_order($1, 'FAILED', 'failure')";
+     RETURNING o.id, o.user_id, o.total_cents, o.attempts";
+const CONFIRM_SQL: &str = "UPDATE orders o SET status = 'CONFIRMED', claimed_until = NULL, \
+     updated_at = now() FROM unnest($1::bigint[], $2::int[]) AS c (id, attempts) \
+     WHERE o.id = c.id AND o.attempts = c.attempts AND o.status = 'PENDING'";
+const FAIL_SQL: &str = "SELECT outcome FROM fail_claimed_order($1, $2)";
 const RETRY_SQL: &str = "UPDATE orders SET claimed_until = NULL, last_error = $2 \
-     WHERE id = $1 AND status = 'PENDING'";
+     WHERE id = $1 AND attempts = $3 AND status = 'PENDING'";
 const FORGET_KEYS_SQL: &str =
     "DELETE FROM idempotency_keys WHERE created_at < now() - make_interval(secs => $1)";
 
@@ -154,6 +160,7 @@ pub async fn sweep(
                 ("retried", s.retried),
                 ("expired", s.expired),
                 ("keys_deleted", s.keys_deleted),
+                ("lapsed", s.lapsed),
             ] {
                 counter!("tally_processor_orders_total", "outcome" => outcome).increment(n);
             }
@@ -194,39 +201,63 @@ async fn sweep_inner(
             id: r.get(0),
             user_id: r.get(1),
             total_cents: r.get(2),
+            attempts: r.get(3),
         })
         .collect();
+    // The lease, less a margin for recording the outcome: a step must not start after it.
+    let claimed_at = std::time::Instant::now();
+    let lease = Duration::from_secs_f64(config.claim_lease_secs * 0.9);
     // The connection goes back to the pool while the steps run.
     drop(conn);
     summary.claimed = claimed.len() as u64;
 
-    let mut confirmed = Vec::new();
+    let (mut confirmed, mut tokens) = (Vec::new(), Vec::new());
     let mut failed = Vec::new();
     let mut retry = Vec::new();
     for order in &claimed {
+        if claimed_at.elapsed() >= lease {
+            // Another processor may claim it now; this one leaves it alone.
+            summary.lapsed += 1;
+            continue;
+        }
         match step.run(order).await {
-            StepOutcome::Confirmed => confirmed.push(order.id),
-            StepOutcome::Failed(reason) => failed.push((order.id, reason)),
-            StepOutcome::RetryLater(reason) => retry.push((order.id, reason)),
+            StepOutcome::Confirmed => {
+                confirmed.push(order.id);
+                tokens.push(order.attempts);
+            }
+            StepOutcome::Failed(reason) => failed.push((order.id, order.attempts, reason)),
+            StepOutcome::RetryLater(reason) => retry.push((order.id, order.attempts, reason)),
         }
     }
 
     let conn = pool.get().await?;
     if !confirmed.is_empty() {
         summary.confirmed = conn
-            .execute_typed(CONFIRM_SQL, &[(&confirmed, Type::INT8_ARRAY)])
+            .execute_typed(
+                CONFIRM_SQL,
+                &[(&confirmed, Type::INT8_ARRAY), (&tokens, Type::INT4_ARRAY)],
+            )
             .await?;
     }
-    for (id, reason) in failed {
-        let rows = conn.query_typed(FAIL_SQL, &[(&id, Type::INT8)]).await?;
+    for (id, attempts, reason) in failed {
+        let rows = conn
+            .query_typed(FAIL_SQL, &[(&id, Type::INT8), (&attempts, Type::INT4)])
+            .await?;
         if rows.first().map(|r| r.get::<_, &str>(0)) == Some("released") {
             summary.failed += 1;
         }
         tracing::info!(order_id = id, reason, "order failed by the fulfilment step");
     }
-    for (id, reason) in retry {
+    for (id, attempts, reason) in retry {
         summary.retried += conn
-            .execute_typed(RETRY_SQL, &[(&id, Type::INT8), (&reason, Type::TEXT)])
+            .execute_typed(
+                RETRY_SQL,
+                &[
+                    (&id, Type::INT8),
+                    (&reason, Type::TEXT),
+                    (&attempts, Type::INT4),
+                ],
+            )
             .await?;
     }
     summary.keys_deleted = conn

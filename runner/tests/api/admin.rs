@@ -168,6 +168,7 @@ async fn adjustments_never_take_stock_below_zero_and_are_in_the_ledger() {
         json!({"delta": 5, "reason": "theft"}),
         json!({"delta": 5}),
         json!({"delta": 1_000_000_001, "reason": "restock"}),
+        json!({"delta": i64::MIN, "reason": "adjustment"}),
         json!({"delta": "5", "reason": "restock"}),
     ] {
         admin_send(&app, Method::POST, "/products/2/inventory", &bad)

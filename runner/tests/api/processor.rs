@@ -303,7 +303,7 @@ async fn the_http_sweep_answers_its_summary() {
     assert_eq!(r.status, 200);
     assert_eq!(
         r.json(),
-        serde_json::json!({"claimed": 1, "confirmed": 1, "failed": 0, "retried": 0, "expired": 0, "keys_deleted": 0})
+        serde_json::json!({"claimed": 1, "confirmed": 1, "failed": 0, "retried": 0, "expired": 0, "keys_deleted": 0, "lapsed": 0})
     );
     processor
         .request(Method::GET, "/", &[], "")
@@ -340,4 +340,59 @@ async fn the_http_sweep_answers_its_summary() {
         )
         .await
         .assert_problem(401, "unauthorized");
+}
+
+/// A step slower than the lease: the claim lapses while it runs.
+struct Slow;
+impl FulfilmentStep for Slow {
+    fn run<'a>(&'a self, _order: &'a ClaimedOrder) -> StepFuture<'a> {
+        Box::pin(async {
+            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+            StepOutcome::Confirmed
+        })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lapsed_claim_is_left_to_the_next_processor_and_recorded_once() {
+    let app = TestApp::spawn().await;
+    let product = app.add_product("LEASE", 10, 100).await;
+    place_pending_orders(&app, product, 3).await;
+    let slow_config = ProcessorConfig {
+        claim_lease_secs: 0.2,
+        ..ProcessorConfig::default()
+    };
+    let pool_a = pool_for(&app, &app.db_url);
+    let a = tokio::spawn(async move { sweep(&pool_a, &slow_config, &Slow).await.unwrap() });
+    tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    let pool_b = pool_for(&app, &app.db_url);
+    let b = sweep(
+        &pool_b,
+        &ProcessorConfig::default(),
+        &process_orders::ConfirmAll,
+    )
+    .await
+    .unwrap();
+    let a = a.await.unwrap();
+    eprintln!("lapsed claim: slow processor {a:?}, second processor {b:?}");
+    assert_eq!(a.claimed, 3);
+    assert_eq!(
+        a.lapsed, 2,
+        "the 2nd and 3rd steps would start after the lease"
+    );
+    assert_eq!(
+        b.claimed, 3,
+        "the lapsed claims, and the one whose step outran its lease"
+    );
+    assert_eq!(a.confirmed + b.confirmed, 3, "each order confirmed once");
+    assert_eq!(
+        a.confirmed, 0,
+        "the first processor's claim was taken over: its outcome is dropped"
+    );
+    assert_eq!(
+        app.count("SELECT count(*) FROM orders WHERE status = 'CONFIRMED' AND attempts = 2")
+            .await,
+        3
+    );
+    app.assert_books_balance().await;
 }
