@@ -374,7 +374,11 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let runner = binary(o.profile, "tally");
+    // BENCH_SERVER points at another binary, e.g. one function built with symbols for perf
+    // (with --only, since a single function serves only its own routes).
+    let runner = std::env::var_os("BENCH_SERVER")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| binary(o.profile, "tally"));
     let (url, hot, first_spread) = prepare(&o.server).await;
     eprintln!(
         "bench: database {url}, {} connections, {:?} per scenario, {} binaries",
