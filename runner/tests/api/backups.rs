@@ -345,11 +345,8 @@ fn assert_one_json_error_line(log: &str, expect: &str) {
     );
 }
 
-#[tokio::test]
-async fn a_failing_pg_dump_aborts_the_upload_and_writes_no_manifest() {
-    let Some(s3) = S3Server::start() else { return };
-    let app = TestApp::spawn().await;
-    // A pg_dump that streams 20 MB (several parts) and then fails, as one killed mid-dump would.
+/// A directory holding a `pg_dump` shell script with `body`, for fault injection.
+fn fake_pg_dump(body: &str) -> PathBuf {
     let bin = PathBuf::from(format!(
         "{}/fake-pg-{:x}",
         env!("CARGO_TARGET_TMPDIR"),
@@ -357,13 +354,37 @@ async fn a_failing_pg_dump_aborts_the_upload_and_writes_no_manifest() {
     ));
     std::fs::create_dir_all(&bin).unwrap();
     let script = bin.join("pg_dump");
-    std::fs::write(
-        &script,
-        "#!/bin/sh\nif [ \"$1\" = --version ]; then echo 'pg_dump (PostgreSQL) 99.0'; exit 0; fi\n\
-         head -c 20000000 /dev/zero; echo 'pg_dump: error: connection lost' >&2; exit 1\n",
-    )
-    .unwrap();
+    std::fs::write(&script, format!("#!/bin/sh\n{body}\n")).unwrap();
     std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    bin
+}
+
+#[tokio::test]
+async fn a_pg_dump_older_than_the_server_is_refused_clearly() {
+    let Some(s3) = S3Server::start() else { return };
+    let app = TestApp::spawn().await;
+    let bin = fake_pg_dump("echo 'pg_dump (PostgreSQL) 9.6.24'");
+    let (code, _, stderr) = backup_command(
+        &s3,
+        &app.db_url,
+        &["run"],
+        &[("PG_BINDIR", bin.to_str().unwrap())],
+    );
+    assert_eq!(code, 1, "{stderr}");
+    assert_one_json_error_line(&stderr, "pg_dump is version 9 but the server is");
+    assert_eq!(s3.keys().await, Vec::<String>::new());
+    let _ = std::fs::remove_dir_all(&bin);
+}
+
+#[tokio::test]
+async fn a_failing_pg_dump_aborts_the_upload_and_writes_no_manifest() {
+    let Some(s3) = S3Server::start() else { return };
+    let app = TestApp::spawn().await;
+    // A pg_dump that streams 20 MB (several parts) and then fails, as one killed mid-dump would.
+    let bin = fake_pg_dump(
+        "if [ \"$1\" = --version ]; then echo 'pg_dump (PostgreSQL) 99.0'; exit 0; fi\n\
+         head -c 20000000 /dev/zero; echo 'pg_dump: error: connection lost' >&2; exit 1",
+    );
 
     let (code, stdout, stderr) = backup_command(
         &s3,

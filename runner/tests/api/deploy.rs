@@ -474,3 +474,24 @@ async fn access_logs_carry_the_callers_trace_id() {
     assert_eq!(log["method"], "GET");
     assert!(log["latency_us"].as_u64().is_some());
 }
+
+#[test]
+fn the_runner_without_postgres_binaries_says_how_to_get_them() {
+    let out = Command::new(env!("CARGO_BIN_EXE_tally"))
+        .env_remove("DATABASE_URL")
+        .env("PG_BINDIR", "/nonexistent/postgresql/bin")
+        .env(
+            "TALLY_DATA_DIR",
+            format!("{}/no-pg-{:x}", env!("CARGO_TARGET_TMPDIR"), random_u64()),
+        )
+        .env("PORT", free_port().to_string())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("apt-get install postgresql") && stderr.contains("DATABASE_URL"),
+        "{stderr}"
+    );
+}
