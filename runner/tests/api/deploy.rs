@@ -72,8 +72,8 @@ fn the_proxy_routes_every_path_the_runner_serves_to_its_function() {
     assert_eq!(checked, 8, "every route of the five public functions");
 }
 
-/// A function binary, spawned as Knative runs it: $PORT, config from the environment, and a
-/// working directory of its own that must stay empty.
+/// A function binary, spawned as Knative runs it: $PORT, config from the environment, a
+/// non-root user, and a read-only working directory of its own (only /tmp is writable).
 struct Function {
     child: Child,
     port: u16,
@@ -94,7 +94,20 @@ impl Function {
             random_u64()
         ));
         std::fs::create_dir_all(&workdir).unwrap();
-        let child = Command::new(binary(name))
+        std::fs::set_permissions(
+            &workdir,
+            std::os::unix::fs::PermissionsExt::from_mode(0o555),
+        )
+        .unwrap();
+        let mut command = Command::new(binary(name));
+        // Root ignores permissions: run as `nobody`, as the images run as a non-root uid.
+        if std::fs::metadata("/proc/self")
+            .is_ok_and(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0)
+        {
+            std::os::unix::process::CommandExt::uid(&mut command, 65534);
+            std::os::unix::process::CommandExt::gid(&mut command, 65534);
+        }
+        let child = command
             .current_dir(&workdir)
             .env_clear()
             .env("HOME", &workdir)
