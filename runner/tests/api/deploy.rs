@@ -100,10 +100,11 @@ impl Function {
         )
         .unwrap();
         let mut command = Command::new(binary(name));
-        // Root ignores permissions: run as `nobody`, as the images run as a non-root uid.
-        if std::fs::metadata("/proc/self")
-            .is_ok_and(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0)
-        {
+        // Root ignores permissions: run as `nobody`, as the images run as a non-root uid, when
+        // `nobody` can reach the binary and the directory (a checkout under /root cannot).
+        let is_root = std::fs::metadata("/proc/self")
+            .is_ok_and(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0);
+        if is_root && others_can_reach(&binary(name)) && others_can_reach(&workdir) {
             std::os::unix::process::CommandExt::uid(&mut command, 65534);
             std::os::unix::process::CommandExt::gid(&mut command, 65534);
         }
@@ -200,6 +201,14 @@ impl Drop for Function {
         let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self.workdir);
     }
+}
+
+/// Whether every directory above `path` lets other users through (o+x).
+fn others_can_reach(path: &Path) -> bool {
+    path.ancestors().skip(1).all(|dir| {
+        std::fs::metadata(dir)
+            .is_ok_and(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o001 != 0)
+    })
 }
 
 fn binary(name: &str) -> PathBuf {
