@@ -42,6 +42,13 @@ impl PrivatePostgres {
         } else {
             None
         };
+        if run_as.is_some() && !others_can_reach(&datadir) {
+            return Err(DevDbError::Io(std::io::Error::other(format!(
+                "PostgreSQL runs as the postgres user, which cannot reach {}: set TALLY_DATA_DIR \
+                 to a directory it can (e.g. /var/tmp/tally), or set DATABASE_URL",
+                datadir.display()
+            ))));
+        }
         if let Some((uid, gid)) = run_as {
             std::os::unix::fs::chown(&datadir, Some(uid), Some(gid))?;
             std::fs::set_permissions(
@@ -196,6 +203,14 @@ pub fn find_bindir() -> Option<PathBuf> {
         .collect();
     versions.sort();
     versions.pop().map(|(_, dir)| dir)
+}
+
+/// Whether every directory above `path` lets other users through (o+x).
+fn others_can_reach(path: &Path) -> bool {
+    path.ancestors().skip(1).all(|dir| {
+        std::fs::metadata(dir)
+            .is_ok_and(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o001 != 0)
+    })
 }
 
 fn is_root() -> bool {

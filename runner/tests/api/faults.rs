@@ -26,7 +26,8 @@ struct OwnCluster {
 impl OwnCluster {
     fn start() -> Self {
         let port = free_port();
-        let dir = PathBuf::from(format!("{}/pg-fault-{port}", env!("CARGO_TARGET_TMPDIR")));
+        // The system temp dir: the cluster may run as `postgres`, which must reach it.
+        let dir = std::env::temp_dir().join(format!("tally-pg-fault-{port}"));
         let _ = std::fs::remove_dir_all(&dir);
         let cluster = PrivatePostgres::new(&dir, port, "-c fsync=off")
             .expect("server binaries for the fault tests");

@@ -27,10 +27,11 @@ pub fn admin_url() -> &'static str {
     URL.get_or_init(|| {
         tally_shared::telemetry::init_for_tests();
         let url = std::env::var("TEST_DATABASE_URL").unwrap_or_else(|_| {
-            let dir = concat!(env!("CARGO_TARGET_TMPDIR"), "/test-pg");
-            let cluster =
-                PrivatePostgres::new(dir.as_ref(), 54330, "-c fsync=off -c max_connections=300")
-                    .expect("a PostgreSQL server for the tests");
+            // Under the system temp dir, not target/: when tests run as root, the cluster runs
+            // as `postgres`, which may not be able to reach the checkout.
+            let dir = std::env::temp_dir().join("tally-test-pg");
+            let cluster = PrivatePostgres::new(&dir, 54330, "-c fsync=off -c max_connections=300")
+                .expect("a PostgreSQL server for the tests");
             cluster.start().expect("starting the test PostgreSQL");
             cluster.url("postgres")
         });
