@@ -370,3 +370,29 @@ async fn a_declared_body_over_the_cap_is_refused_before_it_is_read() {
         .await;
     r.assert_problem(413, "payload_too_large");
 }
+
+#[tokio::test]
+async fn a_chunked_body_is_cut_off_at_the_cap_without_a_declared_length() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let app = TestApp::spawn().await;
+    let mut stream = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+    let head = format!(
+        "POST /orders HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nAuthorization: {}\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n",
+        app.customer(1)
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    // 80 chunks of 1 KiB: past the 64 KiB cap, with no length announced up front.
+    let chunk = format!("400\r\n{}\r\n", " ".repeat(1024));
+    for _ in 0..80 {
+        if stream.write_all(chunk.as_bytes()).await.is_err() {
+            break; // the server may answer and close before the rest is sent
+        }
+    }
+    let _ = stream.write_all(b"0\r\n\r\n").await;
+    let mut response = Vec::new();
+    let _ = stream.read_to_end(&mut response).await;
+    let text = String::from_utf8_lossy(&response);
+    assert!(text.starts_with("HTTP/1.1 413"), "{text}");
+    assert!(text.contains("\"error\":\"payload_too_large\""), "{text}");
+    assert_eq!(app.count("SELECT count(*) FROM orders").await, 0);
+}
