@@ -10,7 +10,7 @@ use std::time::Duration;
 use tally_shared::auth::{self, Role};
 use tally_shared::config::Secret;
 use tally_shared::devdb::PrivatePostgres;
-use tally_shared::{AppState, Config, Route, Router, db, migrate, runtime, telemetry};
+use tally_shared::{AppState, Config, Route, Router, db, migrate, runtime};
 
 /// Every function that serves the public API, by name (its crate, image and Knative Service).
 pub fn functions() -> Vec<(&'static str, Vec<Route>)> {
@@ -109,19 +109,15 @@ const PRIVATE_DB: &str = "tally";
 
 /// Runs the whole API until SIGTERM or Ctrl-C.
 pub fn run() -> ExitCode {
-    let mut config = match Config::from_env() {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("tally: {e}");
-            return ExitCode::FAILURE;
-        }
+    let (mut config, runtime) = match runtime::start("tally", runtime::Logs::Stdout) {
+        Ok(started) => started,
+        Err(code) => return code,
     };
     // A developer's runner listens on loopback unless told otherwise; deployed functions bind
     // all interfaces.
     if std::env::var_os("HOST").is_none() {
         config.host = IpAddr::V4(Ipv4Addr::LOCALHOST);
     }
-    telemetry::init(&config.log_level);
     // The runner uses the configured key when there is one (so scripts can mint their own
     // tokens); otherwise a random secret for this run. Deployed functions have no such default.
     if config.jwt_hs256_secret.is_none() && config.jwt_public_key_pem.is_none() {
@@ -149,16 +145,6 @@ pub fn run() -> ExitCode {
         None
     };
 
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("tally: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
     let code = runtime.block_on(serve(config));
     if let Some(cluster) = private {
         if let Err(e) = cluster.stop() {

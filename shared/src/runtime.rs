@@ -81,23 +81,9 @@ where
     F: FnOnce(AppState) -> Fut,
     Fut: Future<Output = ExitCode>,
 {
-    let config = match Config::from_env() {
-        Ok(config) => config,
-        Err(e) => {
-            eprintln!("{name}: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    telemetry::init(&config.log_level);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(runtime) => runtime,
-        Err(e) => {
-            eprintln!("{name}: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+    let (config, runtime) = match start(name, Logs::Stdout) {
+        Ok(started) => started,
+        Err(code) => return code,
     };
     // bb8 starts its reaper task when the pool is built: that needs the runtime.
     let _guard = runtime.enter();
@@ -116,6 +102,36 @@ where
         }
     };
     runtime.block_on(work(state))
+}
+
+/// Where a process's JSON log lines go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Logs {
+    /// Servers and workers.
+    Stdout,
+    /// Commands whose stdout is their result.
+    Stderr,
+}
+
+/// What every process does first: settings from the environment, telemetry, the async
+/// runtime. Any failure is one line on stderr naming `name`, and the exit code to return.
+pub fn start(name: &str, logs: Logs) -> Result<(Config, tokio::runtime::Runtime), ExitCode> {
+    let config = Config::from_env().map_err(|e| {
+        eprintln!("{name}: {e}");
+        ExitCode::FAILURE
+    })?;
+    match logs {
+        Logs::Stdout => telemetry::init(&config.log_level),
+        Logs::Stderr => telemetry::init_stderr(&config.log_level),
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| {
+            eprintln!("{name}: cannot start the async runtime: {e}");
+            ExitCode::FAILURE
+        })?;
+    Ok((config, runtime))
 }
 
 /// Resolves on SIGTERM (what Kubernetes sends) or Ctrl-C.

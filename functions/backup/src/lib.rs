@@ -23,7 +23,7 @@ use http::{Method, StatusCode};
 use metrics::gauge;
 use tally_shared::http::json_response;
 use tally_shared::router::HandlerResult;
-use tally_shared::{ApiError, AppState, Config, Request, Route, auth, runtime, telemetry};
+use tally_shared::{ApiError, AppState, Config, Request, Route, auth, runtime};
 
 use crate::restore::Selector;
 use crate::store::StoreConfig;
@@ -105,23 +105,9 @@ pub fn main(args: impl Iterator<Item = String>) -> ExitCode {
     if args.is_empty() {
         return runtime::run("backup", routes());
     }
-    let config = match Config::from_env() {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("backup: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    telemetry::init_stderr(&config.log_level);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("backup: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+    let (config, runtime) = match runtime::start("backup", runtime::Logs::Stderr) {
+        Ok(started) => started,
+        Err(code) => return code,
     };
     match runtime.block_on(command(&args, &config)) {
         Ok(report) => {

@@ -178,24 +178,37 @@ pub fn manifest_key(dump: &Path) -> Path {
     Path::from(format!("{}.json", raw.strip_suffix(".dump").unwrap_or(raw)))
 }
 
+/// Every key in the database's folder, sorted (so oldest first: the names are timestamps).
+async fn list_folder(
+    store: &dyn ObjectStore,
+    prefix: &str,
+    database: &str,
+) -> Result<Vec<String>, BackupError> {
+    let listing = store
+        .list_with_delimiter(Some(&folder(prefix, database)))
+        .await
+        .map_err(storage)?;
+    let mut keys: Vec<String> = listing
+        .objects
+        .into_iter()
+        .map(|o| o.location.to_string())
+        .collect();
+    keys.sort();
+    Ok(keys)
+}
+
 /// Every manifest in the database's folder, oldest first.
 pub async fn list_manifests(
     store: &dyn ObjectStore,
     prefix: &str,
     database: &str,
 ) -> Result<Vec<Path>, BackupError> {
-    let listing = store
-        .list_with_delimiter(Some(&folder(prefix, database)))
-        .await
-        .map_err(storage)?;
-    let mut manifests: Vec<Path> = listing
-        .objects
+    Ok(list_folder(store, prefix, database)
+        .await?
         .into_iter()
-        .map(|o| o.location)
-        .filter(|p| p.as_ref().ends_with(".json"))
-        .collect();
-    manifests.sort_by(|a, b| a.as_ref().cmp(b.as_ref()));
-    Ok(manifests)
+        .filter(|k| k.ends_with(".json"))
+        .map(Path::from)
+        .collect())
 }
 
 pub async fn read_manifest(store: &dyn ObjectStore, key: &Path) -> Result<Manifest, BackupError> {
@@ -233,16 +246,7 @@ pub async fn apply_retention(
     retain: usize,
 ) -> Result<usize, BackupError> {
     let retain = retain.max(1);
-    let listing = store
-        .list_with_delimiter(Some(&folder(prefix, database)))
-        .await
-        .map_err(storage)?;
-    let mut keys: Vec<String> = listing
-        .objects
-        .into_iter()
-        .map(|o| o.location.to_string())
-        .collect();
-    keys.sort();
+    let keys = list_folder(store, prefix, database).await?;
     let manifests: Vec<&String> = keys.iter().filter(|k| k.ends_with(".json")).collect();
     if manifests.len() <= retain {
         return Ok(0);
