@@ -4,8 +4,9 @@
 use serde::Serialize;
 use tokio_postgres::Row;
 
-/// The columns, in the order [`Product::from`] reads them.
-pub const PRODUCT_COLUMNS: &str = "id, sku, name, price_cents, inventory";
+/// The columns, in the order [`Product::from`] reads them, of `products` or of the `catalog`
+/// view (whose `inventory` is the whole stock, however many shards hold it).
+pub const PRODUCT_COLUMNS: &str = "id, sku, name, price_cents, inventory, stock_shards";
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Product {
@@ -14,6 +15,14 @@ pub struct Product {
     pub name: String,
     pub price_cents: i64,
     pub inventory: i64,
+    /// How many rows the stock is spread over; shown only for a sharded product, so the
+    /// common shape stays the original's.
+    #[serde(skip_serializing_if = "is_unsharded")]
+    pub stock_shards: i16,
+}
+
+fn is_unsharded(shards: &i16) -> bool {
+    *shards == 1
 }
 
 impl From<&Row> for Product {
@@ -24,6 +33,7 @@ impl From<&Row> for Product {
             name: row.get(2),
             price_cents: row.get(3),
             inventory: row.get(4),
+            stock_shards: row.get(5),
         }
     }
 }

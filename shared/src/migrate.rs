@@ -26,6 +26,15 @@ pub enum MigrateError {
 /// Connects, applies every pending migration under an advisory lock, and returns the client
 /// for further setup (the seed). Returns the version now applied.
 pub async fn migrate(database_url: &str) -> Result<(Client, Option<i32>), MigrateError> {
+    migrate_to(database_url, None).await
+}
+
+/// As [`migrate`], but stops after migration `target` when one is given: the schema an
+/// earlier release ran on, for the expand/contract check.
+pub async fn migrate_to(
+    database_url: &str,
+    target: Option<i32>,
+) -> Result<(Client, Option<i32>), MigrateError> {
     let (mut client, connection) = tokio_postgres::connect(database_url, NoTls)
         .await
         .map_err(MigrateError::Connect)?;
@@ -38,6 +47,9 @@ pub async fn migrate(database_url: &str) -> Result<(Client, Option<i32>), Migrat
         .execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK])
         .await?;
     let report = embedded::migrations::runner()
+        .set_target(target.map_or(refinery::Target::Latest, |v| {
+            refinery::Target::Version(v as _)
+        }))
         .set_abort_divergent(true)
         .run_async(&mut client)
         .await;

@@ -1,6 +1,8 @@
 //! `admin-products`: inventory administration, for the admin role only.
 //! - `POST /products` creates a product (its starting stock becomes its first ledger row);
-//! - `PATCH /products/{id}` changes name or price (orders keep the price they were placed at);
+//! - `PATCH /products/{id}` changes name, price (orders keep the price they were placed at) or
+//!   `stock_shards`: how many rows the stock is spread over, so that a flash sale's orders do
+//!   not all queue on one row lock (1 to 64; 1 gathers it back);
 //! - `POST /products/{id}/inventory` adjusts stock by a delta, never below zero, with its
 //!   ledger row in the same transaction.
 
@@ -47,7 +49,10 @@ struct NewProduct {
 struct ProductChanges {
     name: Option<String>,
     price_cents: Option<i64>,
+    stock_shards: Option<i64>,
 }
+
+pub const MAX_STOCK_SHARDS: i64 = 64;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -148,10 +153,18 @@ async fn update_product(request: Request, state: AppState) -> HandlerResult {
     auth::principal(&request)?.require_admin()?;
     let id = path_id(&request, "id")?;
     let changes: ProductChanges = json_body(&request)?;
-    if changes.name.is_none() && changes.price_cents.is_none() {
+    if changes.name.is_none() && changes.price_cents.is_none() && changes.stock_shards.is_none() {
         return Err(ApiError::InvalidRequest(
-            "nothing to change: give name and/or price_cents".into(),
+            "nothing to change: give name, price_cents and/or stock_shards".into(),
         ));
+    }
+    if changes
+        .stock_shards
+        .is_some_and(|n| !(1..=MAX_STOCK_SHARDS).contains(&n))
+    {
+        return Err(ApiError::InvalidRequest(format!(
+            "stock_shards must be from 1 to {MAX_STOCK_SHARDS}"
+        )));
     }
     if let Some(name) = &changes.name {
         check_name(name)?;
@@ -161,10 +174,8 @@ async fn update_product(request: Request, state: AppState) -> HandlerResult {
     }
     let name = changes.name.as_deref().map(str::trim);
     let conn = state.db().await?;
-    let sql = format!(
-        "UPDATE products SET name = coalesce($2, name), price_cents = coalesce($3, price_cents), \
-         updated_at = now() WHERE id = $1 RETURNING {PRODUCT_COLUMNS}"
-    );
+    let shards = changes.stock_shards.map(|n| n as i32);
+    let sql = format!("SELECT {PRODUCT_COLUMNS} FROM update_product($1, $2, $3, $4)");
     let rows = conn
         .query_typed(
             &sql,
@@ -172,6 +183,7 @@ async fn update_product(request: Request, state: AppState) -> HandlerResult {
                 (&id, Type::INT8),
                 (&name, Type::TEXT),
                 (&changes.price_cents, Type::INT8),
+                (&shards, Type::INT4),
             ],
         )
         .await?;
@@ -199,7 +211,7 @@ async fn adjust_inventory(request: Request, state: AppState) -> HandlerResult {
     }
     let conn = state.db().await?;
     let sql = format!(
-        "SELECT a.outcome, a.inventory, p.sku, p.name, p.price_cents \
+        "SELECT a.outcome, a.inventory, p.sku, p.name, p.price_cents, p.stock_shards \
          FROM adjust_inventory($1, $2, $3, $4) a \
          LEFT JOIN LATERAL (SELECT {PRODUCT_COLUMNS} FROM products WHERE id = $1) p ON true"
     );
@@ -227,6 +239,7 @@ async fn adjust_inventory(request: Request, state: AppState) -> HandlerResult {
                 name: row.get(3),
                 price_cents: row.get(4),
                 inventory: row.get(1),
+                stock_shards: row.get(5),
             };
             json_response(StatusCode::OK, &product)
         }

@@ -183,10 +183,21 @@ pub async fn verify(target_url: &str, manifest: &Manifest) -> Result<(usize, i64
             problems.push(format!("{negative} products with negative inventory"));
         }
         if exists(&client, "inventory_movements").await? {
+            // Since V5 a product's stock may be spread over inventory_shards (stock_of sums
+            // it); a backup from before then has neither. One grouped pass over the ledger.
+            let stock = if exists(&client, "inventory_shards").await? {
+                "stock_of(p.id)"
+            } else {
+                "p.inventory"
+            };
             let drifted: i64 = client
                 .query_one(
-                    "SELECT count(*) FROM products p WHERE p.inventory <> \
-                     (SELECT coalesce(sum(m.delta), 0) FROM inventory_movements m WHERE m.product_id = p.id)",
+                    &format!(
+                        "SELECT count(*) FROM products p \
+                         LEFT JOIN (SELECT product_id, sum(delta) AS total FROM inventory_movements \
+                                    GROUP BY product_id) m ON m.product_id = p.id \
+                         WHERE {stock} <> coalesce(m.total, 0)"
+                    ),
                     &[],
                 )
                 .await

@@ -66,9 +66,11 @@ impl Page {
     }
 }
 
-const LIST_SQL: &str = "SELECT id, sku, name, price_cents, inventory FROM products \
+// `catalog` is `products` with the whole stock of a sharded product summed.
+const LIST_SQL: &str = "SELECT id, sku, name, price_cents, inventory, stock_shards FROM catalog \
                         WHERE id > $1 ORDER BY id LIMIT $2";
-const GET_SQL: &str = "SELECT id, sku, name, price_cents, inventory FROM products WHERE id = $1";
+const GET_SQL: &str =
+    "SELECT id, sku, name, price_cents, inventory, stock_shards FROM catalog WHERE id = $1";
 
 pub async fn list_products(
     request: Request,

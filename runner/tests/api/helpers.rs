@@ -94,6 +94,11 @@ pub fn with_database(url: &str, database: &str) -> String {
 
 /// A fresh, migrated database with a random name on `server_url`'s server.
 pub async fn fresh_database(server_url: &str) -> String {
+    fresh_database_at(server_url, None).await
+}
+
+/// A fresh database migrated up to `version` (all migrations when None).
+pub async fn fresh_database_at(server_url: &str, version: Option<i32>) -> String {
     let name = format!("{TEST_DB_PREFIX}{:016x}", random_u64());
     let (admin, conn) = tokio_postgres::connect(server_url, NoTls)
         .await
@@ -104,7 +109,7 @@ pub async fn fresh_database(server_url: &str) -> String {
         .await
         .expect("create database");
     let url = with_database(server_url, &name);
-    migrate::migrate(&url).await.expect("migrate");
+    migrate::migrate_to(&url, version).await.expect("migrate");
     url
 }
 
@@ -401,6 +406,31 @@ impl TestApp {
         .await
     }
 
+    /// `PATCH /products/{id}` as an admin, spreading its stock over `shards` rows.
+    pub async fn set_shards(&self, product_id: i64, shards: i64) -> TestResponse {
+        self.request(
+            Method::PATCH,
+            &format!("/products/{product_id}"),
+            &[("content-type", "application/json")],
+            serde_json::json!({ "stock_shards": shards }).to_string(),
+        )
+        .await
+    }
+
+    /// The stock of each shard row of a product, in shard order (empty when unsharded).
+    pub async fn shard_stock(&self, product_id: i64) -> Vec<i64> {
+        self.db
+            .query(
+                "SELECT inventory FROM inventory_shards WHERE product_id = $1 ORDER BY shard",
+                &[&product_id],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect()
+    }
+
     /// Inserts a product directly and returns its id.
     pub async fn add_product(&self, sku: &str, price_cents: i64, inventory: i64) -> i64 {
         self.db
@@ -413,12 +443,10 @@ impl TestApp {
             .get(0)
     }
 
+    /// The whole stock of a product, however many shards hold it.
     pub async fn inventory(&self, product_id: i64) -> i64 {
         self.db
-            .query_one(
-                "SELECT inventory FROM products WHERE id = $1",
-                &[&product_id],
-            )
+            .query_one("SELECT stock_of($1)", &[&product_id])
             .await
             .unwrap()
             .get(0)
@@ -446,7 +474,7 @@ impl TestApp {
         let rows = self
             .db
             .query(
-                "SELECT p.id, p.inventory,
+                "SELECT p.id, stock_of(p.id),
                         (SELECT delta FROM inventory_movements m WHERE m.product_id = p.id AND m.reason = 'initial'),
                         (SELECT coalesce(sum(delta), 0)::bigint FROM inventory_movements m WHERE m.product_id = p.id)
                  FROM products p ORDER BY p.id",
@@ -458,6 +486,12 @@ impl TestApp {
             let (id, inventory, initial, ledger): (i64, i64, i64, i64) =
                 (row.get(0), row.get(1), row.get(2), row.get(3));
             assert!(inventory >= 0, "product {id} is negative: {inventory}");
+            let negative_shards = self
+                .count(&format!(
+                    "SELECT count(*) FROM inventory_shards WHERE product_id = {id} AND inventory < 0"
+                ))
+                .await;
+            assert_eq!(negative_shards, 0, "product {id} has a negative shard");
             assert_eq!(
                 inventory, ledger,
                 "product {id}: inventory {inventory} but the ledger sums to {ledger}"

@@ -13,4 +13,6 @@ mod lifecycle;
 mod orders;
 mod processor;
 mod products;
+mod schema_compat;
+mod shards;
 mod storms;

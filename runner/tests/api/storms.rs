@@ -8,7 +8,7 @@ use crate::helpers::{TestApp, random_u64};
 
 /// Sends `total` orders from `clients` concurrent clients; `make(i)` gives order i's lines.
 /// Returns how many responses had each status.
-async fn storm(
+pub(crate) async fn storm(
     app: &Arc<TestApp>,
     clients: usize,
     total: usize,
