@@ -28,12 +28,18 @@ pub struct LoadResult {
 }
 
 impl LoadResult {
-    pub fn server_errors(&self) -> u64 {
+    /// Responses that were not 2xx: with unlimited stock, every one is unexpected.
+    pub fn unexpected(&self) -> u64 {
         self.statuses
             .iter()
-            .filter(|(s, _)| **s >= 500)
+            .filter(|(s, _)| !(200..300).contains(*s))
             .map(|(_, n)| n)
             .sum()
+    }
+
+    /// 2xx responses.
+    pub fn ok(&self) -> u64 {
+        self.requests - self.unexpected()
     }
 }
 

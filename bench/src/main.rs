@@ -1,16 +1,23 @@
-//! The benchmark harness. Starts the local runner against a fresh database, drives four
-//! scenarios at a fixed concurrency for a fixed time, checks the books, runs pgbench with the
-//! same SQL call as the ceiling, and measures cold start and memory of one function binary.
+//! The benchmark harness. Starts the local runner against a fresh database and measures each
+//! order scenario against two raw-SQL ceilings taken in the same run (see `pgbench.rs`): the
+//! minimal order write, and our own order call. Each scenario is the median of interleaved
+//! rounds (ceilings, then the API, per scenario, per round), since the machine is shared and
+//! noisy. Every run records WAL bytes, PostgreSQL and server CPU per order, and lock waits.
 //!
 //!     cargo run --release -p bench                 # full run; writes bench/results/latest.{json,md}
 //!     cargo run -p bench -- --smoke                # a few seconds, debug binaries: no 5xx, books balance
 //!
-//! Options: --duration SECS (10), --connections N (32), --pool N (4), --only SCENARIO (just that
-//! one, no pgbench), --server URL (the PostgreSQL server: $BENCH_DATABASE_URL,
+//! Options: --duration SECS (API run, 10), --pgbench-duration SECS (per client count, 5),
+//! --rounds N (3), --connections N (32), --pool N (8), --shards N (16), --only SCENARIO (that
+//! one, one round, no ceilings), --server URL (the PostgreSQL server: $BENCH_DATABASE_URL,
 //! $TEST_DATABASE_URL, or postgres://postgres@127.0.0.1:5432/postgres).
 
 mod load;
+mod pgbench;
+mod probe;
+mod report;
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitCode, Stdio};
@@ -27,20 +34,22 @@ use tally_shared::{Config, migrate};
 use tokio_postgres::{Client, NoTls};
 
 use crate::load::{LoadResult, MakeRequest};
+use crate::pgbench::{Ceiling, Script};
+use crate::probe::{Cost, Probe};
 
 const SPREAD_PRODUCTS: i64 = 1000;
 const STOCK: i64 = 1_000_000_000;
-const PGBENCH_CLIENTS: [usize; 4] = [4, 10, 16, 32];
-const POOL_SIZES: [u32; 4] = [2, 4, 8, 12];
 
 struct Options {
     smoke: bool,
     duration: Duration,
+    pgbench_duration: Duration,
+    rounds: usize,
     connections: usize,
     server: String,
     profile: &'static str,
     pool: u32,
-    /// Run just this scenario (by name prefix) and stop: for quick before/after comparisons.
+    shards: i32,
     only: Option<String>,
 }
 
@@ -49,6 +58,8 @@ fn options() -> Result<Options, String> {
     let mut o = Options {
         smoke: false,
         duration: Duration::from_secs(10),
+        pgbench_duration: Duration::from_secs(5),
+        rounds: 3,
         connections: 32,
         server: std::env::var("BENCH_DATABASE_URL")
             .or_else(|_| std::env::var("TEST_DATABASE_URL"))
@@ -58,8 +69,14 @@ fn options() -> Result<Options, String> {
         } else {
             "release"
         },
-        pool: 4,
+        pool: 8,
+        shards: 16,
         only: None,
+    };
+    let secs = |v: String, what: &str| {
+        v.parse()
+            .map(Duration::from_secs)
+            .map_err(|_| format!("{what} SECS"))
     };
     while let Some(a) = args.next() {
         let mut value = || args.next().ok_or(format!("{a} needs a value"));
@@ -68,16 +85,21 @@ fn options() -> Result<Options, String> {
                 o.smoke = true;
                 o.duration = Duration::from_secs(2);
                 o.connections = 8;
+                o.rounds = 1;
             }
-            "--duration" => {
-                o.duration = Duration::from_secs(value()?.parse().map_err(|_| "--duration SECS")?)
-            }
+            "--duration" => o.duration = secs(value()?, "--duration")?,
+            "--pgbench-duration" => o.pgbench_duration = secs(value()?, "--pgbench-duration")?,
+            "--rounds" => o.rounds = value()?.parse().map_err(|_| "--rounds N")?,
             "--connections" => o.connections = value()?.parse().map_err(|_| "--connections N")?,
             "--server" => o.server = value()?,
             "--pool" => o.pool = value()?.parse().map_err(|_| "--pool N")?,
+            "--shards" => o.shards = value()?.parse().map_err(|_| "--shards N")?,
             "--only" => o.only = Some(value()?),
             other => return Err(format!("unknown option {other}")),
         }
+    }
+    if o.only.is_some() {
+        o.rounds = 1;
     }
     Ok(o)
 }
@@ -95,11 +117,6 @@ fn free_port() -> u16 {
         .local_addr()
         .unwrap()
         .port()
-}
-
-fn with_database(server: &str, db: &str) -> String {
-    let (base, _) = server.rsplit_once('/').expect("a URL with a database");
-    format!("{base}/{db}")
 }
 
 const SECRET: &str = "bench-secret-bench-secret-bench-secret-0123";
@@ -179,50 +196,89 @@ impl Drop for Server {
     }
 }
 
-/// The database under test: migrated, the demo seed, one hot product, the spread catalog and
-/// 1,000 orders to read back. Returns (url, hot product id, first spread id).
-async fn prepare(server: &str) -> (String, i64, i64) {
+/// The ids the scenarios use.
+#[derive(Clone, Copy)]
+struct Catalog {
+    hot: i64,
+    sharded: i64,
+    first_spread: i64,
+}
+
+impl Catalog {
+    fn last_spread(&self) -> i64 {
+        self.first_spread + SPREAD_PRODUCTS - 1
+    }
+}
+
+async fn create_database(server: &str, prefix: &str) -> String {
     let name = format!(
-        "tally_bench_{}",
+        "{prefix}_{}",
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap()
             .as_millis()
     );
-    let admin = connect(server).await;
-    admin
+    connect(server)
+        .await
         .batch_execute(&format!("CREATE DATABASE {name}"))
         .await
         .unwrap();
-    let url = with_database(server, &name);
+    with_database(server, &name)
+}
+
+/// The database under test: migrated, the demo seed, one hot product, one hot product spread
+/// over `shards` rows, the spread catalog and 1,000 orders to read back.
+async fn prepare(server: &str, shards: i32) -> (String, Catalog) {
+    let url = create_database(server, "tally_bench").await;
     let (client, _) = migrate::migrate(&url).await.expect("migrate");
     migrate::seed_if_empty(&client).await.unwrap();
-    let hot: i64 = client
-        .query_one(
-            "INSERT INTO products (sku, name, price_cents, inventory) VALUES ('HOT', 'Hot item', 1000, $1) RETURNING id",
-            &[&STOCK],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let insert = "INSERT INTO products (sku, name, price_cents, inventory) \
+                  SELECT $1 || g, 'Bench ' || g, 100 + g, $2 FROM generate_series(1, $3::bigint) g \
+                  RETURNING id";
+    let mut ids = Vec::new();
+    for (prefix, n) in [("HOT-", 1i64), ("SHARDED-", 1), ("S-", SPREAD_PRODUCTS)] {
+        let rows = client.query(insert, &[&prefix, &STOCK, &n]).await.unwrap();
+        ids.push(rows[0].get::<_, i64>(0));
+    }
+    let catalog = Catalog {
+        hot: ids[0],
+        sharded: ids[1],
+        first_spread: ids[2],
+    };
     client
         .execute(
-            "INSERT INTO products (sku, name, price_cents, inventory) \
-             SELECT 'S-' || g, 'Spread ' || g, 100 + g, $1 FROM generate_series(1, $2::bigint) g",
-            &[&STOCK, &SPREAD_PRODUCTS],
+            "SELECT set_stock_shards($1, $2)",
+            &[&catalog.sharded, &shards],
         )
         .await
         .unwrap();
-    let first_spread = hot + 1;
     client
         .execute(
             "SELECT place_order(1, ARRAY[$1::bigint], ARRAY[1]) FROM generate_series(1, 1000)",
-            &[&first_spread],
+            &[&catalog.first_spread],
         )
         .await
         .unwrap();
     client.batch_execute("VACUUM ANALYZE").await.unwrap();
-    (url, hot, first_spread)
+    (url, catalog)
+}
+
+/// The minimal ceiling's own database (bench/ceiling/README.md).
+async fn prepare_minimal(server: &str) -> String {
+    let url = create_database(server, "tally_ceiling").await;
+    let client = connect(&url).await;
+    client
+        .batch_execute(&pgbench::minimal_schema())
+        .await
+        .unwrap();
+    client.batch_execute(pgbench::MINIMAL_SETUP).await.unwrap();
+    client.batch_execute("VACUUM ANALYZE").await.unwrap();
+    url
+}
+
+fn with_database(server: &str, db: &str) -> String {
+    let (base, _) = server.rsplit_once('/').expect("a URL with a database");
+    format!("{base}/{db}")
 }
 
 async fn connect(url: &str) -> Client {
@@ -251,9 +307,10 @@ async fn books_drift(url: &str) -> i64 {
              SELECT count(*) FROM products p
              LEFT JOIN sold s ON s.product_id = p.id
              LEFT JOIN ledger l ON l.product_id = p.id
-             WHERE p.inventory < 0
-                OR p.inventory <> coalesce(l.total, 0)
-                OR coalesce(l.initial, 0) <> p.inventory + coalesce(s.quantity, 0)",
+             CROSS JOIN LATERAL (SELECT stock_of(p.id) AS stock) c
+             WHERE c.stock < 0
+                OR c.stock <> coalesce(l.total, 0)
+                OR coalesce(l.initial, 0) <> c.stock + coalesce(s.quantity, 0)",
             &[],
         )
         .await
@@ -289,80 +346,150 @@ fn get(bearer: &str, path: String) -> Request<Full<Bytes>> {
         .unwrap()
 }
 
-fn scenarios(hot: i64, first_spread: i64) -> Vec<(&'static str, MakeRequest)> {
+/// An order scenario: its load, and the ceilings it is compared with.
+struct Scenario {
+    name: &'static str,
+    make: MakeRequest,
+    minimal: Option<Script>,
+    own: Option<Script>,
+}
+
+fn xorshift_pick(r: u64, k: u32, first: i64) -> i64 {
+    first + ((r >> (8 + 10 * k)) % SPREAD_PRODUCTS as u64) as i64
+}
+
+fn order_scenarios(c: Catalog) -> Vec<Scenario> {
     let bearer = Arc::new(token());
-    let b = bearer.clone();
-    let hot_sku: MakeRequest = Arc::new(move |_, _| {
-        post_order(
-            &b,
-            format!(r#"{{"items":[{{"product_id":{hot},"quantity":1}}]}}"#),
-        )
-    });
+    let one = |b: Arc<String>, pick: Arc<dyn Fn(u64) -> i64 + Send + Sync>| -> MakeRequest {
+        Arc::new(move |_, r| {
+            let p = pick(r);
+            post_order(
+                &b,
+                format!(r#"{{"items":[{{"product_id":{p},"quantity":1}}]}}"#),
+            )
+        })
+    };
     let b = bearer.clone();
     let spread: MakeRequest = Arc::new(move |_, r| {
-        let lines = 1 + (r % 3) as i64;
+        let lines = 1 + (r % 3) as u32;
         let items: Vec<String> = (0..lines)
             .map(|k| {
-                let p = first_spread + ((r >> (8 + 10 * k)) % SPREAD_PRODUCTS as u64) as i64;
+                let p = xorshift_pick(r, k, c.first_spread);
                 format!(r#"{{"product_id":{p},"quantity":1}}"#)
             })
             .collect();
         post_order(&b, format!(r#"{{"items":[{}]}}"#, items.join(",")))
     });
-    let b = bearer.clone();
-    let products: MakeRequest = Arc::new(move |_, _| get(&b, "/products".into()));
-    let b = bearer;
-    let orders: MakeRequest = Arc::new(move |_, r| get(&b, format!("/orders/{}", 1 + r % 1000)));
+    let (first, last) = (c.first_spread, c.last_spread());
     vec![
-        ("hot SKU", hot_sku),
-        ("spread", spread),
-        ("GET /products", products),
-        ("GET /orders/{id}", orders),
+        Scenario {
+            name: "hot SKU",
+            make: one(bearer.clone(), Arc::new(move |_| c.hot)),
+            minimal: Some(Script::Minimal("hot.pgbench")),
+            own: Some(Script::Own(pgbench::own_hot(c.hot))),
+        },
+        Scenario {
+            name: "spread",
+            make: spread,
+            minimal: Some(Script::Minimal("spread.pgbench")),
+            own: Some(Script::Own(pgbench::own_spread(first, last))),
+        },
+        Scenario {
+            name: "hot SKU, sharded",
+            make: one(bearer.clone(), Arc::new(move |_| c.sharded)),
+            minimal: None,
+            own: Some(Script::Own(pgbench::own_hot(c.sharded))),
+        },
+        Scenario {
+            name: "one-line spread",
+            make: one(bearer, Arc::new(move |r| xorshift_pick(r, 0, first))),
+            minimal: Some(Script::Minimal("spread1.pgbench")),
+            own: Some(Script::Own(pgbench::own_spread1(first, last))),
+        },
     ]
 }
 
-/// pgbench with the same single SQL call the function makes; the best tps over the client
-/// counts is the ceiling. None when pgbench is not installed.
-fn pgbench(url: &str, script: &str, duration: Duration) -> Option<(f64, Vec<(usize, f64)>)> {
-    let dir = std::env::temp_dir().join(format!("tally-pgbench-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).ok()?;
-    let file = dir.join("script.sql");
-    std::fs::write(&file, script).ok()?;
-    let mut runs = Vec::new();
-    for clients in PGBENCH_CLIENTS {
-        let out = Command::new("pgbench")
-            .args(["-n", "-M", "prepared", "-j", "2"])
-            .args([
-                "-c",
-                &clients.to_string(),
-                "-T",
-                &duration.as_secs().max(1).to_string(),
-            ])
-            .arg("-f")
-            .arg(&file)
-            .arg(url)
-            .output()
-            .ok()?;
-        let text = String::from_utf8_lossy(&out.stdout);
-        let tps = text
-            .lines()
-            .find(|l| l.starts_with("tps = "))
-            .and_then(|l| l.split_whitespace().nth(2))
-            .and_then(|v| v.parse::<f64>().ok())?;
-        runs.push((clients, tps));
-    }
-    let best = runs.iter().map(|(_, t)| *t).fold(0.0, f64::max);
-    Some((best, runs))
+fn read_scenarios() -> Vec<(&'static str, MakeRequest)> {
+    let bearer = Arc::new(token());
+    let b = bearer.clone();
+    let products: MakeRequest = Arc::new(move |_, _| get(&b, "/products".into()));
+    let orders: MakeRequest =
+        Arc::new(move |_, r| get(&bearer, format!("/orders/{}", 1 + r % 1000)));
+    vec![("GET /products", products), ("GET /orders/{id}", orders)]
 }
 
-#[derive(Serialize)]
-struct ScenarioReport {
-    name: &'static str,
+/// One round of one order scenario: its ceilings, then the API under load with its costs.
+#[derive(Debug, Clone, Serialize)]
+struct Round {
     #[serde(flatten)]
     load: LoadResult,
-    pgbench_ceiling_tps: Option<f64>,
-    pgbench_runs: Vec<(usize, f64)>,
-    ratio: Option<f64>,
+    cost: Cost,
+    minimal_ceiling: Option<Ceiling>,
+    own_ceiling: Option<Ceiling>,
+}
+
+#[derive(Debug, Serialize)]
+struct ScenarioReport {
+    name: &'static str,
+    /// The round with the median API throughput.
+    median: Round,
+    minimal_ratio: Option<f64>,
+    own_ratio: Option<f64>,
+    rounds: Vec<Round>,
+}
+
+fn summarise(name: &'static str, rounds: Vec<Round>) -> ScenarioReport {
+    let mut order: Vec<usize> = (0..rounds.len()).collect();
+    order.sort_by(|a, b| {
+        rounds[*a]
+            .load
+            .throughput
+            .total_cmp(&rounds[*b].load.throughput)
+    });
+    let median = rounds[order[order.len() / 2]].clone();
+    // Each ceiling's median over the rounds, so the ratio is median over median.
+    let median_of = |pick: &dyn Fn(&Round) -> Option<f64>| {
+        let mut v: Vec<f64> = rounds.iter().filter_map(pick).collect();
+        v.sort_by(f64::total_cmp);
+        v.get(v.len() / 2).copied()
+    };
+    let minimal = median_of(&|r| r.minimal_ceiling.as_ref().map(|c| c.best_tps));
+    let own = median_of(&|r| r.own_ceiling.as_ref().map(|c| c.best_tps));
+    let throughput = median.load.throughput;
+    ScenarioReport {
+        name,
+        minimal_ratio: minimal.map(|c| throughput / c),
+        own_ratio: own.map(|c| throughput / c),
+        median,
+        rounds,
+    }
+}
+
+async fn run_round(o: &Options, server: &Server, urls: (&str, &str), s: &Scenario) -> Round {
+    let ceilings = !o.smoke && o.only.is_none();
+    let pgb = |script: &Option<Script>, url: &str, what: &str| {
+        script.as_ref().filter(|_| ceilings).and_then(|sc| {
+            pgbench::ceiling(
+                url,
+                &format!("{}-{what}", s.name.replace([' ', ','], "_")),
+                sc,
+                o.pgbench_duration,
+            )
+        })
+    };
+    let minimal_ceiling = pgb(&s.minimal, urls.1, "minimal");
+    let own_ceiling = pgb(&s.own, urls.0, "own");
+    let probe = Probe::start(connect(urls.0).await, server.child.id()).await;
+    let load = load::measure(server.addr, o.connections, o.duration, s.make.clone()).await;
+    let cost = probe
+        .finish(&connect(urls.0).await, load.ok(), load.seconds)
+        .await;
+    Round {
+        load,
+        cost,
+        minimal_ceiling,
+        own_ceiling,
+    }
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -374,131 +501,94 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    // BENCH_SERVER points at another binary, e.g. one function built with symbols for perf
-    // (with --only, since a single function serves only its own routes).
+    // BENCH_SERVER points at another binary, e.g. one built with symbols for perf.
     let runner = std::env::var_os("BENCH_SERVER")
         .map(PathBuf::from)
         .unwrap_or_else(|| binary(o.profile, "tally"));
-    let (url, hot, first_spread) = prepare(&o.server).await;
+    let (url, catalog) = prepare(&o.server, o.shards).await;
+    let minimal_url = if o.smoke {
+        String::new()
+    } else {
+        prepare_minimal(&o.server).await
+    };
     eprintln!(
-        "bench: database {url}, {} connections, {:?} per scenario, {} binaries",
-        o.connections, o.duration, o.profile
+        "bench: database {url}, {} connections, {:?} per run, {} rounds, pool {}, {} shards, {} binaries",
+        o.connections, o.duration, o.rounds, o.pool, o.shards, o.profile
     );
-
-    let mut reports = Vec::new();
     let server = Server::start(&runner, &url, o.pool);
-    for (name, make) in scenarios(hot, first_spread) {
-        if o.only
-            .as_ref()
-            .is_some_and(|only| !name.starts_with(only.as_str()))
-        {
-            continue;
+    let scenarios: Vec<Scenario> = order_scenarios(catalog)
+        .into_iter()
+        .filter(|s| {
+            o.only
+                .as_ref()
+                .is_none_or(|only| s.name.starts_with(only.as_str()))
+        })
+        .collect();
+    let mut rounds: BTreeMap<&'static str, Vec<Round>> = BTreeMap::new();
+    for round in 1..=o.rounds {
+        for s in &scenarios {
+            let r = run_round(&o, &server, (&url, &minimal_url), s).await;
+            eprintln!(
+                "bench: round {round}, {}: {}",
+                s.name,
+                report::round_line(&r)
+            );
+            rounds.entry(s.name).or_default().push(r);
         }
-        let result = load::measure(server.addr, o.connections, o.duration, make).await;
-        eprintln!(
-            "bench: {name}: {:.0}/s p50 {:.2} ms p99 {:.2} ms {:?}",
-            result.throughput, result.p50_ms, result.p99_ms, result.statuses
-        );
-        reports.push(ScenarioReport {
-            name,
-            load: result,
-            pgbench_ceiling_tps: None,
-            pgbench_runs: vec![],
-            ratio: None,
-        });
+    }
+    let reports: Vec<ScenarioReport> = scenarios
+        .iter()
+        .map(|s| summarise(s.name, rounds.remove(s.name).unwrap_or_default()))
+        .collect();
+    let mut reads = Vec::new();
+    if o.only.is_none() {
+        for (name, make) in read_scenarios() {
+            let r = load::measure(server.addr, o.connections, o.duration, make).await;
+            eprintln!(
+                "bench: {name}: {:.0}/s p99 {:.2} ms {:?}",
+                r.throughput, r.p99_ms, r.statuses
+            );
+            reads.push((name, r));
+        }
     }
     drop(server);
 
-    let server_errors: u64 = reports.iter().map(|r| r.load.server_errors()).sum();
+    let unexpected: u64 = reports
+        .iter()
+        .flat_map(|r| r.rounds.iter().map(|x| x.load.unexpected()))
+        .chain(reads.iter().map(|(_, r)| r.unexpected()))
+        .sum();
     let drift = books_drift(&url).await;
-    eprintln!("bench: {server_errors} server errors; {drift} products whose books do not balance");
+    eprintln!(
+        "bench: {unexpected} unexpected (non-2xx) responses; {drift} products whose books do not balance"
+    );
+    let ok = unexpected == 0 && drift == 0;
     if o.smoke || o.only.is_some() {
         drop_database(&o.server, &url).await;
-        return if server_errors == 0 && drift == 0 && reports.iter().all(|r| r.load.requests > 0) {
-            println!(
-                "bench smoke: ok ({} requests, no 5xx, books balanced)",
-                reports.iter().map(|r| r.load.requests).sum::<u64>()
-            );
-            ExitCode::SUCCESS
-        } else {
-            ExitCode::FAILURE
-        };
-    }
-
-    // The raw-SQL ceilings, measured in the same run as the API figures.
-    let hot_sql =
-        format!("SELECT * FROM place_order(1, ARRAY[{hot}]::bigint[], ARRAY[1]::int[]);\n");
-    let last = first_spread + SPREAD_PRODUCTS - 1;
-    let spread_sql = format!(
-        "\\set p1 random({first_spread}, {last})\n\\set p2 random({first_spread}, {last})\n\\set p3 random({first_spread}, {last})\n\\set n random(1, 3)\n\
-         SELECT * FROM place_order(1, (ARRAY[:p1, :p2, :p3]::bigint[])[1:(:n)], (ARRAY[1, 1, 1]::int[])[1:(:n)]);\n"
-    );
-    for (i, script) in [(0, hot_sql), (1, spread_sql)] {
-        if let Some((best, runs)) = pgbench(&url, &script, o.duration) {
-            let r = &mut reports[i];
-            r.ratio = Some(r.load.throughput / best);
-            r.pgbench_ceiling_tps = Some(best);
-            r.pgbench_runs = runs;
-        } else {
-            eprintln!("bench: pgbench not found: no ceiling (apt-get install postgresql-client)");
+        let requests: u64 = reports.iter().map(|r| r.median.load.requests).sum::<u64>()
+            + reads.iter().map(|(_, r)| r.requests).sum::<u64>();
+        if ok && requests > 0 {
+            println!("bench smoke: ok ({requests} requests, every one 2xx, books balanced)");
+            return ExitCode::SUCCESS;
         }
+        return ExitCode::FAILURE;
     }
-
-    // Orders by pool size: on a hot row requests should queue in the pool, not on the lock;
-    // spread orders want enough concurrency in Postgres to share commits.
-    let mut pool_sweep = Vec::new();
-    for pool in POOL_SIZES {
-        let server = Server::start(&runner, &url, pool);
-        for (name, make) in scenarios(hot, first_spread).into_iter().take(2) {
-            let r = load::measure(server.addr, o.connections, o.duration, make).await;
-            eprintln!(
-                "bench: {name}, pool {pool}: {:.0}/s p99 {:.2} ms",
-                r.throughput, r.p99_ms
-            );
-            pool_sweep.push(json!({"scenario": name, "pool_size": pool, "throughput": r.throughput, "p50_ms": r.p50_ms, "p99_ms": r.p99_ms}));
-        }
-    }
-
-    // One function binary: cold start (median of 10) and memory idle and after load.
-    let function = binary(o.profile, "create-order");
-    let mut cold: Vec<Duration> = (0..10)
-        .map(|_| {
-            let started = Instant::now();
-            let s = Server::start(&function, &url, 4);
-            let d = started.elapsed();
-            drop(s);
-            d
-        })
-        .collect();
-    cold.sort();
-    let s = Server::start(&function, &url, 4);
-    std::thread::sleep(Duration::from_millis(200));
-    let rss_idle = s.rss_kb("VmRSS:");
-    let make = scenarios(hot, first_spread).swap_remove(0).1;
-    let under_load = load::run(
-        s.addr,
-        o.connections,
-        o.duration.min(Duration::from_secs(5)),
-        make,
-    )
-    .await;
-    let rss_after = s.rss_kb("VmRSS:");
-    let rss_peak = s.rss_kb("VmHWM:");
-    drop(s);
-    let drift_after = books_drift(&url).await;
-
-    let machine = machine();
+    let (cold, rss) = one_function(&o, &url, catalog).await;
+    let drift = books_drift(&url).await;
     let result = json!({
-        "machine": machine,
+        "machine": machine(),
         "connections": o.connections,
-        "seconds_per_scenario": o.duration.as_secs(),
-        "scenarios": reports,
+        "seconds_per_run": o.duration.as_secs(),
+        "pgbench_seconds_per_client_count": o.pgbench_duration.as_secs(),
+        "rounds": o.rounds,
         "pool_size": o.pool,
-        "orders_by_pool_size": pool_sweep,
-        "cold_start_ms": {"median": cold[5].as_secs_f64() * 1000.0, "min": cold[0].as_secs_f64() * 1000.0, "max": cold[9].as_secs_f64() * 1000.0},
-        "create_order_rss_kb": {"idle": rss_idle, "after_load": rss_after, "peak": rss_peak, "load_requests": under_load.requests},
-        "server_errors": server_errors,
-        "books_drift": drift_after,
+        "stock_shards": o.shards,
+        "scenarios": reports,
+        "reads": reads.iter().map(|(n, r)| json!({"name": n, "load": r})).collect::<Vec<_>>(),
+        "cold_start_ms": cold,
+        "create_order_rss_kb": rss,
+        "unexpected_responses": unexpected,
+        "books_drift": drift,
     });
     let dir = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/results"));
     std::fs::create_dir_all(&dir).unwrap();
@@ -507,15 +597,52 @@ async fn main() -> ExitCode {
         serde_json::to_string_pretty(&result).unwrap(),
     )
     .unwrap();
-    let table = markdown(&result, &reports);
+    let table = report::markdown(&result);
     std::fs::write(dir.join("latest.md"), &table).unwrap();
     println!("{table}");
     drop_database(&o.server, &url).await;
-    if server_errors == 0 && drift_after == 0 {
+    drop_database(&o.server, &minimal_url).await;
+    if ok && drift == 0 {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
     }
+}
+
+/// One function binary (create-order): cold start (median of 10) and memory, idle and after
+/// a few seconds of hot-SKU load.
+async fn one_function(
+    o: &Options,
+    url: &str,
+    c: Catalog,
+) -> (serde_json::Value, serde_json::Value) {
+    let function = binary(o.profile, "create-order");
+    let mut cold: Vec<Duration> = (0..10)
+        .map(|_| {
+            let started = Instant::now();
+            let s = Server::start(&function, url, 4);
+            let d = started.elapsed();
+            drop(s);
+            d
+        })
+        .collect();
+    cold.sort();
+    let s = Server::start(&function, url, 4);
+    std::thread::sleep(Duration::from_millis(200));
+    let rss_idle = s.rss_kb("VmRSS:");
+    let make = order_scenarios(c).swap_remove(0).make;
+    let under_load = load::run(
+        s.addr,
+        o.connections,
+        o.duration.min(Duration::from_secs(5)),
+        make,
+    )
+    .await;
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    (
+        json!({"median": ms(cold[5]), "min": ms(cold[0]), "max": ms(cold[9])}),
+        json!({"idle": rss_idle, "after_load": s.rss_kb("VmRSS:"), "peak": s.rss_kb("VmHWM:"), "load_requests": under_load.requests}),
+    )
 }
 
 async fn drop_database(server: &str, url: &str) {
@@ -546,63 +673,4 @@ fn machine() -> serde_json::Value {
 fn humantime_now() -> String {
     // "2026-11-25T19:00:00Z" -> the date.
     humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()[..10].to_owned()
-}
-
-fn markdown(result: &serde_json::Value, reports: &[ScenarioReport]) -> String {
-    let mut t = String::new();
-    let m = &result["machine"];
-    t.push_str(&format!(
-        "Measured {} on {} ({} cores), {} connections, {} s per scenario; API and PostgreSQL on the same machine.\n\n",
-        m["date"].as_str().unwrap_or(""),
-        m["cpu"].as_str().unwrap_or("?"),
-        m["cores"],
-        result["connections"],
-        result["seconds_per_scenario"]
-    ));
-    t.push_str("| scenario | req/s | p50 ms | p90 ms | p99 ms | statuses | pgbench ceiling (best of 4/10/16/32 clients) | ratio |\n|---|---:|---:|---:|---:|---|---:|---:|\n");
-    for r in reports {
-        let statuses: Vec<String> = r
-            .load
-            .statuses
-            .iter()
-            .map(|(s, n)| format!("{s}: {n}"))
-            .collect();
-        t.push_str(&format!(
-            "| {} | {:.0} | {:.2} | {:.2} | {:.2} | {} | {} | {} |\n",
-            r.name,
-            r.load.throughput,
-            r.load.p50_ms,
-            r.load.p90_ms,
-            r.load.p99_ms,
-            statuses.join(", "),
-            r.pgbench_ceiling_tps
-                .map_or("-".into(), |c| format!("{c:.0} tps")),
-            r.ratio.map_or("-".into(), |x| format!("{x:.2}x")),
-        ));
-    }
-    t.push_str(&format!("\nThe table's runs used POOL_SIZE {}. Orders by pool size:\n\n| pool | scenario | req/s | p99 ms |\n|---:|---|---:|---:|\n", result["pool_size"]));
-    for p in result["orders_by_pool_size"].as_array().unwrap() {
-        t.push_str(&format!(
-            "| {} | {} | {:.0} | {:.1} |\n",
-            p["pool_size"],
-            p["scenario"].as_str().unwrap_or(""),
-            p["throughput"].as_f64().unwrap_or(0.0),
-            p["p99_ms"].as_f64().unwrap_or(0.0)
-        ));
-    }
-    let c = &result["cold_start_ms"];
-    let r = &result["create_order_rss_kb"];
-    t.push_str(&format!(
-        "\n\nOne function binary (create-order): cold start (spawn to first 200 on /healthz) median {:.1} ms (min {:.1}, max {:.1}); RSS {:.1} MB idle, {:.1} MB after {} requests of load (peak {:.1} MB).\n\nBooks after all runs: {} products drifted; {} server errors.\n",
-        c["median"].as_f64().unwrap_or(0.0),
-        c["min"].as_f64().unwrap_or(0.0),
-        c["max"].as_f64().unwrap_or(0.0),
-        r["idle"].as_f64().unwrap_or(0.0) / 1024.0,
-        r["after_load"].as_f64().unwrap_or(0.0) / 1024.0,
-        r["load_requests"],
-        r["peak"].as_f64().unwrap_or(0.0) / 1024.0,
-        result["books_drift"],
-        result["server_errors"],
-    ));
-    t
 }

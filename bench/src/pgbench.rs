@@ -1,0 +1,117 @@
+//! The raw-SQL ceilings, measured with pgbench in the same run as the API:
+//! - the minimal order write (`bench/ceiling/`, a copy of the shared reference: tables shaped
+//!   like the original's and one plpgsql call with only the essential writes, none of our code);
+//! - our own order call: the handler's statement, sent with `-M extended` as `query_typed` does.
+//!
+//! A ceiling is the best tps over 4, 8, 16 and 32 clients. pgbench connects with the same URL
+//! as the API's pool (TCP, and TLS only if the URL asks for it), so both pay the same transport.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use serde::Serialize;
+
+pub const CLIENTS: [usize; 4] = [4, 8, 16, 32];
+const CEILING_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/ceiling");
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Ceiling {
+    pub best_tps: f64,
+    /// (clients, tps) for each client count.
+    pub runs: Vec<(usize, f64)>,
+}
+
+/// One pgbench script: a file of ours, or one of the minimal ceiling's.
+pub enum Script {
+    Minimal(&'static str),
+    Own(String),
+}
+
+impl Script {
+    fn path(&self, scratch: &Path, name: &str) -> PathBuf {
+        match self {
+            Self::Minimal(file) => Path::new(CEILING_DIR).join(file),
+            Self::Own(text) => {
+                let path = scratch.join(format!("{name}.pgbench"));
+                std::fs::write(&path, text).expect("writing a pgbench script");
+                path
+            }
+        }
+    }
+
+    fn mode(&self) -> &'static str {
+        match self {
+            // The shared scripts, run as their README runs them.
+            Self::Minimal(_) => "simple",
+            Self::Own(_) => "extended",
+        }
+    }
+}
+
+/// Runs `script` at each client count for `duration`; None when pgbench is missing or fails.
+pub fn ceiling(url: &str, name: &str, script: &Script, duration: Duration) -> Option<Ceiling> {
+    let scratch = std::env::temp_dir().join(format!("tally-pgbench-{}", std::process::id()));
+    std::fs::create_dir_all(&scratch).ok()?;
+    let file = script.path(&scratch, name);
+    let mut runs = Vec::new();
+    for clients in CLIENTS {
+        let out = Command::new("pgbench")
+            .args(["-n", "-j", "2", "-M", script.mode()])
+            .args(["-c", &clients.to_string()])
+            .args(["-T", &duration.as_secs().max(1).to_string()])
+            .arg("-f")
+            .arg(&file)
+            .arg(url)
+            .output()
+            .ok()?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let tps = text
+            .lines()
+            .find(|l| l.starts_with("tps = "))
+            .and_then(|l| l.split_whitespace().nth(2))
+            .and_then(|v| v.parse::<f64>().ok());
+        let Some(tps) = tps else {
+            eprintln!(
+                "bench: pgbench {name} failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            return None;
+        };
+        runs.push((clients, tps));
+    }
+    let best_tps = runs.iter().map(|(_, t)| *t).fold(0.0, f64::max);
+    Some(Ceiling { best_tps, runs })
+}
+
+/// The minimal ceiling's database, loaded as its README says: one user, 1,003 products.
+pub const MINIMAL_SETUP: &str = "INSERT INTO users (email) VALUES ('b@x'); \
+     INSERT INTO products (sku, name, inventory) \
+     SELECT 'B-' || g, 'b', 1000000000 FROM generate_series(1, 1003) g;";
+
+pub fn minimal_schema() -> String {
+    std::fs::read_to_string(Path::new(CEILING_DIR).join("minimal-ceiling.sql"))
+        .expect("bench/ceiling/minimal-ceiling.sql")
+}
+
+/// The handler's statement (create-order's `PLACE_ORDER_SQL`), with the arrays written from
+/// pgbench variables: pgbench has no array variables.
+pub fn own_hot(product: i64) -> String {
+    format!(
+        "SELECT outcome, order_id, body FROM place_order(1, ARRAY[{product}]::bigint[], ARRAY[1]::int[]);\n"
+    )
+}
+
+pub fn own_spread(first: i64, last: i64) -> String {
+    format!(
+        "\\set n random(1, 3)\n\\set a random({first}, {last})\n\\set b random({first}, {last})\n\\set c random({first}, {last})\n\
+         SELECT outcome, order_id, body FROM place_order(1, (ARRAY[:a, :b, :c]::bigint[])[1:(:n)], (ARRAY[1, 1, 1]::int[])[1:(:n)]);\n"
+    )
+}
+
+pub fn own_spread1(first: i64, last: i64) -> String {
+    format!(
+        "\\set a random({first}, {last})\n\
+         SELECT outcome, order_id, body FROM place_order(1, ARRAY[:a]::bigint[], ARRAY[1]::int[]);\n"
+    )
+}
