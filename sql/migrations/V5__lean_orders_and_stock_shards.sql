@@ -76,11 +76,13 @@ BEGIN
 END $$;
 
 -- Locks a product's stock whole: its row, then its shards in shard order (the order every
--- locker uses, so lockers cannot deadlock). Returns the stock, or NULL for no such product.
-CREATE FUNCTION lock_stock(p_product_id bigint, OUT shards integer, OUT total bigint)
+-- locker uses, so lockers cannot deadlock). Returns the layout, the stock and the price as of
+-- the lock, or NULLs for no such product.
+CREATE FUNCTION lock_stock(p_product_id bigint, OUT shards integer, OUT total bigint,
+                           OUT price_cents bigint)
 LANGUAGE plpgsql AS $$
 BEGIN
-    SELECT p.stock_shards, p.inventory INTO shards, total
+    SELECT p.stock_shards, p.inventory, p.price_cents INTO shards, total, price_cents
     FROM products p WHERE p.id = p_product_id FOR NO KEY UPDATE;
     IF NOT FOUND THEN
         RETURN;
@@ -133,21 +135,24 @@ BEGIN
     RETURN QUERY SELECT 'adjusted', v_stock.total + p_delta;
 END $$;
 
--- Takes `p_quantity` units of one product, or says why it cannot. The caller goes through
--- products in ascending id order and holds nothing of this product yet.
+-- Takes `p_quantity` units of one product whose guarded decrement of its own row just failed
+-- (it is sharded, short, or unknown), or says why it cannot. The caller goes through products
+-- in ascending id order and holds nothing of this product yet.
 --
--- Returns (price_cents, shard): shard is the row taken from (-1 for products.inventory), so a
--- caller can put it back. On failure price_cents is NULL and `shard` is -2 for an unknown
--- product, or else `available` holds the stock that was there.
+-- Returns (price_cents, shard): the price as of the take, and the row taken from (-1 for
+-- products.inventory), so a caller can put it back. On failure price_cents is NULL, and
+-- `shard` is -2 for an unknown product, or else `available` holds the stock that was there.
 --
--- The row lock on the taken stock is held to commit, so it is taken as late as possible and
--- by one statement when it can be:
--- 1. unsharded: one guarded UPDATE of the product row;
--- 2. sharded: the first shard, from a random start, that is not locked and holds enough
---    (SKIP LOCKED: concurrent orders for one product never wait for each other here);
--- 3. otherwise all of its stock is locked (lock_stock) and, if the whole suffices, the rows are
---    rebalanced less the quantity: the last unit sells whichever row holds it, and an order
---    larger than any one shard succeeds when the total suffices.
+-- The row lock on the taken stock is held to commit, so as few rows as possible are locked:
+-- 1. sharded: the first shard, in random order, that is not locked and holds enough
+--    (SKIP LOCKED: concurrent orders for one product do not wait for each other);
+-- 2. sharded, every such shard locked: wait for one that holds enough as last committed (the
+--    update re-checks it once the lock is ours), so more orders than shards queue per shard;
+-- 3. otherwise the whole stock is locked (lock_stock) and, if it suffices, laid out again less
+--    the quantity: the last unit sells whichever row holds it, and an order larger than any
+--    one shard succeeds when the total suffices. A product that is short as last committed is
+--    refused at once, without a lock, so a sold-out product's refusals do not queue.
+-- The price is read in the statement that takes the stock, or under lock_stock's lock.
 CREATE FUNCTION take_stock(p_product_id bigint, p_quantity bigint,
                            OUT price_cents bigint, OUT shard integer, OUT available bigint)
 LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan AS $$
@@ -156,43 +161,42 @@ DECLARE
     v_shards integer;
     v_stock  record;
 BEGIN
-    UPDATE products p SET inventory = p.inventory - p_quantity
-    WHERE p.id = p_product_id AND p.stock_shards = 1 AND p.inventory >= p_quantity
-    RETURNING p.price_cents INTO price_cents;
-    IF FOUND THEN
-        shard := -1;
-        RETURN;
-    END IF;
-
-    SELECT p.stock_shards, p.price_cents INTO v_shards, price_cents
-    FROM products p WHERE p.id = p_product_id;
+    SELECT p.stock_shards INTO v_shards FROM products p WHERE p.id = p_product_id;
     IF NOT FOUND THEN
-        price_cents := NULL;
         shard := -2;
         RETURN;
     END IF;
 
     IF v_shards > 1 THEN
         UPDATE inventory_shards s SET inventory = s.inventory - p_quantity
-        WHERE s.product_id = p_product_id AND s.shard = (
+        FROM products p
+        WHERE p.id = p_product_id AND s.product_id = p_product_id AND s.shard = (
             SELECT t.shard FROM inventory_shards t
             WHERE t.product_id = p_product_id AND t.inventory >= p_quantity
-            ORDER BY random()
-            LIMIT 1 FOR UPDATE SKIP LOCKED)
-        RETURNING s.shard INTO shard;
+            ORDER BY random() LIMIT 1 FOR UPDATE SKIP LOCKED)
+        RETURNING p.price_cents, s.shard INTO price_cents, shard;
+        IF FOUND THEN
+            RETURN;
+        END IF;
+        UPDATE inventory_shards s SET inventory = s.inventory - p_quantity
+        FROM products p
+        WHERE p.id = p_product_id AND s.product_id = p_product_id AND s.inventory >= p_quantity
+          AND s.shard = (SELECT t.shard FROM inventory_shards t
+                         WHERE t.product_id = p_product_id AND t.inventory >= p_quantity
+                         ORDER BY random() LIMIT 1)
+        RETURNING p.price_cents, s.shard INTO price_cents, shard;
         IF FOUND THEN
             RETURN;
         END IF;
     END IF;
 
-    -- Short on the row tried: read the whole stock without a lock first, so that a sold-out
-    -- product refuses orders without queueing them on its row.
     available := stock_of(p_product_id);
     IF available >= p_quantity THEN
         SELECT * INTO v_stock FROM lock_stock(p_product_id);
         available := v_stock.total;
         IF available >= p_quantity THEN
             PERFORM rebalance_stock(p_product_id, v_stock.shards, available - p_quantity);
+            price_cents := v_stock.price_cents;
             shard := -1;
             available := NULL;
             RETURN;
@@ -205,9 +209,10 @@ END $$;
 -- one over the time its row lock is held, from its decrement to commit, and on two cores the
 -- CPU of each order counts as much; so the decrement comes first and the rest is kept short:
 -- - One line (the common case, and a hot product's): one statement. The guarded decrement
---   (stock suffices, unsharded, the user exists), then the order, its item and its ledger row,
---   and the response, all driven by the decremented row. When it decrements nothing, nothing
---   was written, and the general path finds out why.
+--   (stock suffices, the user exists) of the product row, or of one free shard of a sharded
+--   product, then the order, its item and its ledger row, and the response, all driven by the
+--   decremented row. When it decrements nothing, nothing was written, and the general path
+--   finds out why.
 -- - General: the lines are merged per product and taken in ascending product id order, each
 --   by a guarded decrement or take_stock() (shards, short rows), so concurrent multi-line orders
 --   cannot deadlock; then one statement writes the order, items and ledger rows. When a line
@@ -221,7 +226,9 @@ END $$;
 --
 -- Result as V1's place_order (the release before V5 calls it): outcome 'created' with the new
 -- id and the response JSON, or an error code ('unknown_user', 'unknown_product',
--- 'insufficient_inventory') with its details as JSON and no id.
+-- 'insufficient_inventory') with its details as JSON and no id. Unlike V1, which checked that
+-- every product exists before any stock, the first line that fails, in product id order, is
+-- the one reported.
 CREATE OR REPLACE FUNCTION place_order(p_user_id bigint, p_product_ids bigint[], p_quantities integer[])
 RETURNS TABLE (outcome text, order_id bigint, body text)
 LANGUAGE plpgsql
@@ -236,47 +243,60 @@ DECLARE
     v_prices   bigint[];
     v_shards   integer[];
     v_price    bigint;
-    v_order_id bigint;
-    v_body     text;
     v_take     record;
     i          integer;
 BEGIN
+    -- Malformed calls are refused outright; the handler never sends one.
+    IF coalesce(cardinality(p_product_ids), 0) = 0
+       OR cardinality(p_product_ids) IS DISTINCT FROM cardinality(p_quantities)
+       OR array_position(p_product_ids, NULL) IS NOT NULL
+       OR array_position(p_quantities, NULL) IS NOT NULL
+       OR 0 >= ANY (p_quantities) THEN
+        RAISE EXCEPTION 'place_order: product ids and quantities must be non-empty arrays of equal length, with quantities above zero'
+            USING ERRCODE = '22023';
+    END IF;
+
     IF cardinality(p_product_ids) = 1 THEN
-        -- Reads and the order row first: they take no product lock.
-        SELECT p.price_cents INTO v_price FROM products p
-        WHERE p.id = p_product_ids[1] AND p.stock_shards = 1 AND p.inventory >= p_quantities[1]
-          AND EXISTS (SELECT FROM users u WHERE u.id = p_user_id);
-        IF FOUND THEN
-            WITH new_order AS (
-                INSERT INTO orders (user_id, total_cents)
-                VALUES (p_user_id, v_price * p_quantities[1])
-                RETURNING id, user_id, status, total_cents, created_at
-            )
-            SELECT o.id, row_to_json(r)::text INTO v_order_id, v_body
-            FROM new_order o,
-            LATERAL (SELECT o.id AS order_id, o.status, o.user_id, o.total_cents,
-                            (SELECT array_to_json(array_agg(i))
-                             FROM (SELECT p_product_ids[1] AS product_id, p_quantities[1] AS quantity,
-                                          v_price AS unit_price_cents) i) AS items,
-                            api_time(o.created_at) AS created_at) r;
-            -- The lock: decrement (at the price the order was written with), item, ledger row.
-            WITH sold AS (
-                UPDATE products p SET inventory = p.inventory - p_quantities[1]
-                WHERE p.id = p_product_ids[1] AND p.stock_shards = 1
-                  AND p.inventory >= p_quantities[1] AND p.price_cents = v_price
-                RETURNING p.id
-            ), items AS (
-                INSERT INTO order_items (order_id, product_id, quantity, unit_price_cents)
-                SELECT v_order_id, s.id, p_quantities[1], v_price FROM sold s
-            )
+        RETURN QUERY
+        WITH own_row AS (
+            UPDATE products p SET inventory = p.inventory - p_quantities[1]
+            WHERE p.id = p_product_ids[1] AND p.stock_shards = 1 AND p.inventory >= p_quantities[1]
+              AND EXISTS (SELECT FROM users u WHERE u.id = p_user_id)
+            RETURNING p.id, p.price_cents
+        ), one_shard AS (
+            -- A sharded product: the first shard, in random order, that nobody holds and that
+            -- holds enough. Concurrent orders for the product do not wait for each other.
+            UPDATE inventory_shards s SET inventory = s.inventory - p_quantities[1]
+            FROM products p
+            WHERE p.id = p_product_ids[1] AND p.stock_shards > 1
+              AND s.product_id = p.id AND s.inventory >= p_quantities[1]
+              AND s.shard = (SELECT t.shard FROM inventory_shards t
+                             WHERE t.product_id = p_product_ids[1] AND t.inventory >= p_quantities[1]
+                             ORDER BY random() LIMIT 1 FOR UPDATE SKIP LOCKED)
+              AND EXISTS (SELECT FROM users u WHERE u.id = p_user_id)
+            RETURNING p.id, p.price_cents
+        ), sold AS (
+            SELECT * FROM own_row UNION ALL SELECT * FROM one_shard
+        ), new_order AS (
+            INSERT INTO orders (user_id, total_cents)
+            SELECT p_user_id, s.price_cents * p_quantities[1] FROM sold s
+            RETURNING id, user_id, status, total_cents, created_at
+        ), items AS (
+            INSERT INTO order_items (order_id, product_id, quantity, unit_price_cents)
+            SELECT o.id, s.id, p_quantities[1], s.price_cents FROM new_order o, sold s
+        ), ledger AS (
             INSERT INTO inventory_movements (product_id, delta, reason, order_id)
-            SELECT s.id, -p_quantities[1], 'sale', v_order_id FROM sold s;
-            IF FOUND THEN
-                RETURN QUERY SELECT 'created'::text, v_order_id, v_body;
-                RETURN;
-            END IF;
-            -- Sold out or repriced meanwhile: the general path decides, with locks.
-            DELETE FROM orders o WHERE o.id = v_order_id;
+            SELECT s.id, -p_quantities[1], 'sale', o.id FROM new_order o, sold s
+        )
+        SELECT 'created'::text, o.id, row_to_json(r)::text
+        FROM new_order o, sold s,
+        LATERAL (SELECT o.id AS order_id, o.status, o.user_id, o.total_cents,
+                        (SELECT array_to_json(array_agg(i))
+                         FROM (SELECT s.id AS product_id, p_quantities[1] AS quantity,
+                                      s.price_cents AS unit_price_cents) i) AS items,
+                        api_time(o.created_at) AS created_at) r;
+        IF FOUND THEN
+            RETURN;
         END IF;
     END IF;
 
