@@ -25,11 +25,13 @@ pub struct LoadResult {
     pub p99_ms: f64,
     pub max_ms: f64,
     pub statuses: BTreeMap<u16, u64>,
+    /// Non-2xx answers during the warm-up before the measured run: counted, never dropped.
+    #[serde(default)]
+    pub warmup_unexpected: u64,
 }
 
 impl LoadResult {
-    /// Responses that were not 2xx: with unlimited stock, every one is unexpected.
-    pub fn unexpected(&self) -> u64 {
+    fn non_2xx(&self) -> u64 {
         self.statuses
             .iter()
             .filter(|(s, _)| !(200..300).contains(*s))
@@ -37,21 +39,37 @@ impl LoadResult {
             .sum()
     }
 
-    /// 2xx responses.
+    /// Responses that were not 2xx, warm-up included: with unlimited stock, every one is
+    /// unexpected.
+    pub fn unexpected(&self) -> u64 {
+        self.non_2xx() + self.warmup_unexpected
+    }
+
+    /// 2xx responses of the measured run.
     pub fn ok(&self) -> u64 {
-        self.requests - self.unexpected()
+        self.requests - self.non_2xx()
     }
 }
 
-/// A short warm-up (the pool fills, plans get cached), then the measured run.
+/// A short warm-up (the pool fills, plans get cached): its non-2xx answers, to be counted.
+pub async fn warm_up(addr: SocketAddr, connections: usize, make: MakeRequest) -> u64 {
+    run(addr, connections, Duration::from_millis(300), make)
+        .await
+        .unexpected()
+}
+
+/// A warm-up, then the measured run.
 pub async fn measure(
     addr: SocketAddr,
     connections: usize,
     duration: Duration,
     make: MakeRequest,
 ) -> LoadResult {
-    run(addr, connections, Duration::from_millis(300), make.clone()).await;
-    run(addr, connections, duration, make).await
+    let warmup_unexpected = warm_up(addr, connections, make.clone()).await;
+    LoadResult {
+        warmup_unexpected,
+        ..run(addr, connections, duration, make).await
+    }
 }
 
 /// Drives `connections` connections at `addr` for `duration`.
@@ -131,5 +149,6 @@ pub async fn run(
         p99_ms: pct(0.99),
         max_ms: latencies.last().map_or(0.0, |m| f64::from(*m) / 1000.0),
         statuses,
+        warmup_unexpected: 0,
     }
 }

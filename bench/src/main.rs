@@ -101,6 +101,9 @@ fn options() -> Result<Options, String> {
     if o.only.is_some() {
         o.rounds = 1;
     }
+    if o.rounds == 0 {
+        return Err("--rounds must be at least 1".into());
+    }
     Ok(o)
 }
 
@@ -468,19 +471,21 @@ fn summarise(name: &'static str, rounds: Vec<Round>) -> ScenarioReport {
 async fn run_round(o: &Options, server: &Server, urls: (&str, &str), s: &Scenario) -> Round {
     let ceilings = !o.smoke && o.only.is_none();
     let pgb = |script: &Option<Script>, url: &str, what: &str| {
-        script.as_ref().filter(|_| ceilings).and_then(|sc| {
-            pgbench::ceiling(
-                url,
-                &format!("{}-{what}", s.name.replace([' ', ','], "_")),
-                sc,
-                o.pgbench_duration,
-            )
+        let name = format!("{}-{what}", s.name.replace([' ', ','], "_"));
+        script.as_ref().filter(|_| ceilings).map(|sc| {
+            pgbench::ceiling(url, &name, sc, o.pgbench_duration)
+                .unwrap_or_else(|e| panic!("bench: no ceiling, so no figures: {e}"))
         })
     };
     let minimal_ceiling = pgb(&s.minimal, urls.1, "minimal");
     let own_ceiling = pgb(&s.own, urls.0, "own");
+    // The costs cover the measured run only, not the warm-up.
+    let warmup_unexpected = load::warm_up(server.addr, o.connections, s.make.clone()).await;
     let probe = Probe::start(connect(urls.0).await, server.child.id()).await;
-    let load = load::measure(server.addr, o.connections, o.duration, s.make.clone()).await;
+    let load = LoadResult {
+        warmup_unexpected,
+        ..load::run(server.addr, o.connections, o.duration, s.make.clone()).await
+    };
     let cost = probe
         .finish(&connect(urls.0).await, load.ok(), load.seconds)
         .await;
@@ -573,7 +578,8 @@ async fn main() -> ExitCode {
         }
         return ExitCode::FAILURE;
     }
-    let (cold, rss) = one_function(&o, &url, catalog).await;
+    let (cold, rss, function_unexpected) = one_function(&o, &url, catalog).await;
+    let unexpected = unexpected + function_unexpected;
     let drift = books_drift(&url).await;
     let result = json!({
         "machine": machine(),
@@ -602,7 +608,7 @@ async fn main() -> ExitCode {
     println!("{table}");
     drop_database(&o.server, &url).await;
     drop_database(&o.server, &minimal_url).await;
-    if ok && drift == 0 {
+    if unexpected == 0 && drift == 0 {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
@@ -615,7 +621,7 @@ async fn one_function(
     o: &Options,
     url: &str,
     c: Catalog,
-) -> (serde_json::Value, serde_json::Value) {
+) -> (serde_json::Value, serde_json::Value, u64) {
     let function = binary(o.profile, "create-order");
     let mut cold: Vec<Duration> = (0..10)
         .map(|_| {
@@ -642,6 +648,7 @@ async fn one_function(
     (
         json!({"median": ms(cold[5]), "min": ms(cold[0]), "max": ms(cold[9])}),
         json!({"idle": rss_idle, "after_load": s.rss_kb("VmRSS:"), "peak": s.rss_kb("VmHWM:"), "load_requests": under_load.requests}),
+        under_load.unexpected(),
     )
 }
 

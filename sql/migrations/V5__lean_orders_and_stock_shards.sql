@@ -2,8 +2,13 @@
 --
 -- Expand only: every function the release before this one calls keeps its name, arguments and
 -- result columns (runner/tests/api/schema_compat.rs checks this against a fixture of that
--- release's statements). Old pods calling place_order, place_order_keyed, cancel_order,
--- adjust_inventory or expire_one_order get the new bodies, which keep their result shapes.
+-- release's statements). place_order and adjust_inventory get new bodies that keep their
+-- result shapes, so old pods use them at once (place_order_keyed calls place_order).
+-- The previous release reads products.inventory directly, which for a sharded product holds
+-- only the stock cancels handed back: a rollback gathers sharded stock first
+-- (`SELECT set_stock_shards(id, 1) FROM products WHERE stock_shards > 1`, in deploy.yml).
+-- order_items' surrogate key loses its index and sequence, not its column: nothing of the
+-- previous release reads it, and the column is dropped one release later.
 
 -- A product's stock is products.inventory plus the sum of its rows in inventory_shards.
 -- Unsharded (stock_shards = 1): all of it is in products.inventory and it has no shard rows.
@@ -145,10 +150,9 @@ END $$;
 --
 -- The row lock on the taken stock is held to commit, so as few rows as possible are locked:
 -- 1. sharded: the first shard, in random order, that is not locked and holds enough
---    (SKIP LOCKED: concurrent orders for one product do not wait for each other);
--- 2. sharded, every such shard locked: wait for one that holds enough as last committed (the
---    update re-checks it once the lock is ours), so more orders than shards queue per shard;
--- 3. otherwise the whole stock is locked (lock_stock) and, if it suffices, laid out again less
+--    (SKIP LOCKED: concurrent orders for one product do not wait for each other); when every
+--    such shard is busy (more concurrent orders than shards), a wait for one of them;
+-- 2. otherwise the whole stock is locked (lock_stock) and, if it suffices, laid out again less
 --    the quantity: the last unit sells whichever row holds it, and an order larger than any
 --    one shard succeeds when the total suffices. A product that is short as last committed is
 --    refused at once, without a lock, so a sold-out product's refusals do not queue.
@@ -168,26 +172,42 @@ BEGIN
     END IF;
 
     IF v_shards > 1 THEN
-        UPDATE inventory_shards s SET inventory = s.inventory - p_quantity
-        FROM products p
-        WHERE p.id = p_product_id AND s.product_id = p_product_id AND s.shard = (
-            SELECT t.shard FROM inventory_shards t
-            WHERE t.product_id = p_product_id AND t.inventory >= p_quantity
-            ORDER BY random() LIMIT 1 FOR UPDATE SKIP LOCKED)
-        RETURNING p.price_cents, s.shard INTO price_cents, shard;
-        IF FOUND THEN
-            RETURN;
-        END IF;
-        UPDATE inventory_shards s SET inventory = s.inventory - p_quantity
-        FROM products p
-        WHERE p.id = p_product_id AND s.product_id = p_product_id AND s.inventory >= p_quantity
-          AND s.shard = (SELECT t.shard FROM inventory_shards t
-                         WHERE t.product_id = p_product_id AND t.inventory >= p_quantity
-                         ORDER BY random() LIMIT 1)
-        RETURNING p.price_cents, s.shard INTO price_cents, shard;
-        IF FOUND THEN
-            RETURN;
-        END IF;
+        -- Each attempt in a subtransaction, for the reason given in place_order: a failed one
+        -- may keep a stray shard lock, and this order may next wait for a shard, or for the
+        -- whole stock in lock_stock. Rolling the attempt back lets the stray go.
+        BEGIN
+            UPDATE inventory_shards s SET inventory = s.inventory - p_quantity
+            FROM products p
+            WHERE p.id = p_product_id AND s.product_id = p_product_id AND s.shard = (
+                SELECT t.shard FROM inventory_shards t
+                WHERE t.product_id = p_product_id AND t.inventory >= p_quantity
+                ORDER BY random() LIMIT 1 FOR UPDATE SKIP LOCKED)
+            RETURNING p.price_cents, s.shard INTO price_cents, shard;
+            IF FOUND THEN
+                RETURN;
+            END IF;
+            RAISE EXCEPTION USING ERRCODE = 'TS001';
+        EXCEPTION WHEN SQLSTATE 'TS001' THEN
+            NULL;
+        END;
+        -- Every shard with enough is busy: more orders than shards. Queue on one of them (the
+        -- update re-checks its stock once the lock is ours) rather than lock them all.
+        BEGIN
+            UPDATE inventory_shards s SET inventory = s.inventory - p_quantity
+            FROM products p
+            WHERE p.id = p_product_id AND s.product_id = p_product_id
+              AND s.inventory >= p_quantity AND s.shard = (
+                SELECT t.shard FROM inventory_shards t
+                WHERE t.product_id = p_product_id AND t.inventory >= p_quantity
+                ORDER BY random() LIMIT 1)
+            RETURNING p.price_cents, s.shard INTO price_cents, shard;
+            IF FOUND THEN
+                RETURN;
+            END IF;
+            RAISE EXCEPTION USING ERRCODE = 'TS001';
+        EXCEPTION WHEN SQLSTATE 'TS001' THEN
+            NULL;
+        END;
     END IF;
 
     available := stock_of(p_product_id);
@@ -209,10 +229,10 @@ END $$;
 -- one over the time its row lock is held, from its decrement to commit, and on two cores the
 -- CPU of each order counts as much; so the decrement comes first and the rest is kept short:
 -- - One line (the common case, and a hot product's): one statement. The guarded decrement
---   (stock suffices, the user exists) of the product row, or of one free shard of a sharded
---   product, then the order, its item and its ledger row, and the response, all driven by the
---   decremented row. When it decrements nothing, nothing was written, and the general path
---   finds out why.
+--   (stock suffices, the user exists) of the product row, then the order, its item and its
+--   ledger row, and the response, all driven by the decremented row. For a sharded product the
+--   same statement is driven by one free shard, in a subtransaction. When it decrements
+--   nothing, nothing was written, and the general path finds out why.
 -- - General: the lines are merged per product and taken in ascending product id order, each
 --   by a guarded decrement or take_stock() (shards, short rows), so concurrent multi-line orders
 --   cannot deadlock; then one statement writes the order, items and ledger rows. When a line
@@ -258,25 +278,11 @@ BEGIN
 
     IF cardinality(p_product_ids) = 1 THEN
         RETURN QUERY
-        WITH own_row AS (
+        WITH sold AS (
             UPDATE products p SET inventory = p.inventory - p_quantities[1]
             WHERE p.id = p_product_ids[1] AND p.stock_shards = 1 AND p.inventory >= p_quantities[1]
               AND EXISTS (SELECT FROM users u WHERE u.id = p_user_id)
             RETURNING p.id, p.price_cents
-        ), one_shard AS (
-            -- A sharded product: the first shard, in random order, that nobody holds and that
-            -- holds enough. Concurrent orders for the product do not wait for each other.
-            UPDATE inventory_shards s SET inventory = s.inventory - p_quantities[1]
-            FROM products p
-            WHERE p.id = p_product_ids[1] AND p.stock_shards > 1
-              AND s.product_id = p.id AND s.inventory >= p_quantities[1]
-              AND s.shard = (SELECT t.shard FROM inventory_shards t
-                             WHERE t.product_id = p_product_ids[1] AND t.inventory >= p_quantities[1]
-                             ORDER BY random() LIMIT 1 FOR UPDATE SKIP LOCKED)
-              AND EXISTS (SELECT FROM users u WHERE u.id = p_user_id)
-            RETURNING p.id, p.price_cents
-        ), sold AS (
-            SELECT * FROM own_row UNION ALL SELECT * FROM one_shard
         ), new_order AS (
             INSERT INTO orders (user_id, total_cents)
             SELECT p_user_id, s.price_cents * p_quantities[1] FROM sold s
@@ -297,6 +303,53 @@ BEGIN
                         api_time(o.created_at) AS created_at) r;
         IF FOUND THEN
             RETURN;
+        END IF;
+        -- A sharded product: the same statement, driven by one free shard (the same tail as
+        -- above; SQL cannot share it without a function call on the hot path). It runs in a
+        -- subtransaction: SKIP LOCKED keeps the lock on a shard whose stock ran out between
+        -- this statement's snapshot and the lock, and when the statement then takes nothing,
+        -- the general path may wait for the product's stock as a whole (lock_stock, product row
+        -- first). Holding a stray shard while waiting there would be the reverse of
+        -- lock_stock's order: a deadlock, seen in the storms. Rolling the subtransaction back
+        -- lets the stray go.
+        IF EXISTS (SELECT FROM products p WHERE p.id = p_product_ids[1] AND p.stock_shards > 1) THEN
+            BEGIN
+                RETURN QUERY
+                WITH sold AS (
+                    UPDATE inventory_shards s SET inventory = s.inventory - p_quantities[1]
+                    FROM products p
+                    WHERE p.id = p_product_ids[1] AND s.product_id = p.id
+                      AND s.shard = (SELECT t.shard FROM inventory_shards t
+                                     WHERE t.product_id = p_product_ids[1]
+                                       AND t.inventory >= p_quantities[1]
+                                     ORDER BY random() LIMIT 1 FOR UPDATE SKIP LOCKED)
+                      AND EXISTS (SELECT FROM users u WHERE u.id = p_user_id)
+                    RETURNING p.id, p.price_cents
+        ), new_order AS (
+                    INSERT INTO orders (user_id, total_cents)
+                    SELECT p_user_id, s.price_cents * p_quantities[1] FROM sold s
+                    RETURNING id, user_id, status, total_cents, created_at
+                ), items AS (
+                    INSERT INTO order_items (order_id, product_id, quantity, unit_price_cents)
+                    SELECT o.id, s.id, p_quantities[1], s.price_cents FROM new_order o, sold s
+                ), ledger AS (
+                    INSERT INTO inventory_movements (product_id, delta, reason, order_id)
+                    SELECT s.id, -p_quantities[1], 'sale', o.id FROM new_order o, sold s
+                )
+                SELECT 'created'::text, o.id, row_to_json(r)::text
+                FROM new_order o, sold s,
+                LATERAL (SELECT o.id AS order_id, o.status, o.user_id, o.total_cents,
+                                (SELECT array_to_json(array_agg(i))
+                                 FROM (SELECT s.id AS product_id, p_quantities[1] AS quantity,
+                                              s.price_cents AS unit_price_cents) i) AS items,
+                                api_time(o.created_at) AS created_at) r;
+                IF FOUND THEN
+                    RETURN;
+                END IF;
+                RAISE EXCEPTION USING ERRCODE = 'TS001';
+            EXCEPTION WHEN SQLSTATE 'TS001' THEN
+                NULL;
+            END;
         END IF;
     END IF;
 

@@ -492,6 +492,37 @@ impl TestApp {
                 ))
                 .await;
             assert_eq!(negative_shards, 0, "product {id} has a negative shard");
+            // The layout: an unsharded product has no shard rows, a sharded one exactly
+            // shards 0..n-1; and the catalog shows the same stock as stock_of.
+            let layout = self
+                .db
+                .query_one(
+                    "SELECT p.stock_shards::bigint, count(s.shard),
+                            coalesce(min(s.shard), 0)::bigint, coalesce(max(s.shard), 0)::bigint,
+                            (SELECT c.inventory FROM catalog c WHERE c.id = p.id)
+                     FROM products p LEFT JOIN inventory_shards s ON s.product_id = p.id
+                     WHERE p.id = $1 GROUP BY p.id",
+                    &[&id],
+                )
+                .await
+                .unwrap();
+            let (shards, rows, low, high, shown): (i64, i64, i64, i64, i64) = (
+                layout.get(0),
+                layout.get(1),
+                layout.get(2),
+                layout.get(3),
+                layout.get(4),
+            );
+            let expected = if shards == 1 {
+                (0, 0, 0)
+            } else {
+                (shards, 0, shards - 1)
+            };
+            assert_eq!((rows, low, high), expected, "product {id}: shard rows");
+            assert_eq!(
+                shown, inventory,
+                "product {id}: the catalog shows another stock"
+            );
             assert_eq!(
                 inventory, ledger,
                 "product {id}: inventory {inventory} but the ledger sums to {ledger}"

@@ -32,6 +32,10 @@ struct Statement {
     sql: String,
     /// `[type name, sample value]` per parameter.
     params: Vec<(String, serde_json::Value)>,
+    /// Where the statement branches: the first column of the first row the release expects
+    /// (an outcome, an id, a count), so a body that now takes another branch is caught too.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    expect: Option<serde_json::Value>,
     /// `[column name, type name]` per result column, as the release's schema gave them.
     #[serde(default)]
     columns: Vec<(String, String)>,
@@ -65,8 +69,20 @@ fn param(type_name: &str, value: &serde_json::Value) -> (Box<dyn ToSql + Sync + 
     }
 }
 
+/// The first column of a row as JSON, for the types the fixture's expectations use.
+fn first_value(row: &tokio_postgres::Row) -> serde_json::Value {
+    let column = &row.columns()[0];
+    match *column.type_() {
+        Type::TEXT => row.get::<_, Option<String>>(0).into(),
+        Type::INT8 => row.get::<_, Option<i64>>(0).into(),
+        Type::INT4 => row.get::<_, Option<i32>>(0).into(),
+        _ => serde_json::Value::String(format!("<{}>", column.type_().name())),
+    }
+}
+
 /// Runs every statement in order (so a cancel finds the order placed before it) in one
-/// transaction that is rolled back, and returns each one's result columns, or the first error.
+/// transaction that is rolled back. Returns each one's result columns, or the first error: a
+/// statement that fails, or one whose first value differs from its `expect`.
 async fn run_all(
     db_url: &str,
     statements: &[Statement],
@@ -90,9 +106,16 @@ async fn run_all(
             .map(|(v, _)| v.as_ref() as &(dyn ToSql + Sync))
             .collect();
         // Executed too: a plpgsql body is only checked when it runs.
-        tx.query(&prepared, &values)
+        let rows = tx
+            .query(&prepared, &values)
             .await
             .map_err(|e| format!("{}: {}", s.name, db_error(&e)))?;
+        if let Some(expect) = &s.expect {
+            let got = rows.first().map(first_value);
+            if got.as_ref() != Some(expect) {
+                return Err(format!("{}: expected {expect}, got {got:?}", s.name));
+            }
+        }
         all.push(
             prepared
                 .columns()
@@ -112,10 +135,28 @@ fn db_error(e: &tokio_postgres::Error) -> String {
     )
 }
 
+fn fixture() -> Fixture {
+    serde_json::from_str(&std::fs::read_to_string(FIXTURE).unwrap()).unwrap()
+}
+
+/// The whole check against one database: every statement runs, takes the branch the release
+/// expects, and returns the columns the release reads.
+async fn check(db_url: &str, fixture: &Fixture) -> Result<(), String> {
+    let columns = run_all(db_url, &fixture.statements).await?;
+    for (s, got) in fixture.statements.iter().zip(columns) {
+        if got != s.columns {
+            return Err(format!(
+                "{}: returns {got:?}, the release reads {:?}",
+                s.name, s.columns
+            ));
+        }
+    }
+    Ok(())
+}
+
 #[tokio::test]
 async fn the_last_releases_statements_run_unchanged_against_the_newest_schema() {
-    let mut fixture: Fixture =
-        serde_json::from_str(&std::fs::read_to_string(FIXTURE).unwrap()).unwrap();
+    let mut fixture = fixture();
     if std::env::var_os("SCHEMA_COMPAT_RECORD").is_some() {
         let old = fresh_database_at(admin_url(), Some(fixture.schema_version)).await;
         let columns = run_all(&old, &fixture.statements)
@@ -128,37 +169,48 @@ async fn the_last_releases_statements_run_unchanged_against_the_newest_schema() 
         std::fs::write(FIXTURE, text + "\n").unwrap();
     }
     assert!(
-        fixture.statements.len() >= 18,
+        fixture.statements.len() >= 19,
         "the fixture lost statements"
     );
     let newest = fresh_database_at(admin_url(), None).await;
-    let columns = run_all(&newest, &fixture.statements)
-        .await
-        .unwrap_or_else(|e| panic!("release {}: {e}", fixture.release));
-    for (s, got) in fixture.statements.iter().zip(columns) {
-        assert_eq!(
-            got, s.columns,
-            "release {}: {} returns other columns than the release reads",
-            fixture.release, s.name
-        );
+    if let Err(e) = check(&newest, &fixture).await {
+        panic!("release {}: {e}", fixture.release);
     }
 }
 
+/// The guard bites: each of these changes would break the release, and each is caught.
 #[tokio::test]
-async fn the_guard_fails_when_a_called_function_is_dropped() {
-    let fixture: Fixture =
-        serde_json::from_str(&std::fs::read_to_string(FIXTURE).unwrap()).unwrap();
-    let db = fresh_database_at(admin_url(), None).await;
-    let (client, conn) = tokio_postgres::connect(&db, tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(conn);
-    // What V3 once did to the release before it.
-    client
-        .batch_execute("DROP FUNCTION cancel_order(bigint, bigint)")
-        .await
-        .unwrap();
-    let e = run_all(&db, &fixture.statements).await.unwrap_err();
-    assert!(e.starts_with("cancel-order: function cancel_order"), "{e}");
-    assert!(e.contains("(42883)"), "{e}");
+async fn the_guard_fails_on_a_dropped_function_a_changed_type_or_a_broken_body() {
+    let fixture = fixture();
+    for (change, expected) in [
+        // What V3 once did to the release before it.
+        (
+            "DROP FUNCTION cancel_order(bigint, bigint)",
+            "cancel-order: function cancel_order",
+        ),
+        (
+            "ALTER TABLE orders ALTER COLUMN total_cents TYPE numeric",
+            "process-orders: claim: returns",
+        ),
+        (
+            "CREATE OR REPLACE FUNCTION release_order(p_order_id bigint, p_target text, p_reason text) \
+             RETURNS TABLE (outcome text, status text) LANGUAGE plpgsql AS $$ \
+             BEGIN RETURN QUERY SELECT o.state, o.status FROM orders o WHERE o.id = p_order_id; END $$",
+            "cancel-order: column o.state does not exist",
+        ),
+        (
+            "CREATE OR REPLACE FUNCTION expire_one_order(p_ttl_secs double precision) RETURNS bigint \
+             LANGUAGE sql AS $$ SELECT NULL::bigint $$",
+            "process-orders: expire: expected 2",
+        ),
+    ] {
+        let db = fresh_database_at(admin_url(), None).await;
+        let (client, conn) = tokio_postgres::connect(&db, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        client.batch_execute(change).await.unwrap();
+        let e = check(&db, &fixture).await.unwrap_err();
+        assert!(e.starts_with(expected), "{change}: {e}");
+    }
 }

@@ -183,7 +183,8 @@ async fn resharding_while_orders_flow_loses_nothing() {
     let done = Arc::new(AtomicBool::new(false));
     let (a, d) = (app.clone(), done.clone());
     let resharder = tokio::spawn(async move {
-        let mut changes = 0;
+        // Shard counts, cycled until the storm ends; counted only while stock is still selling.
+        let (mut changes, mut while_selling) = (0, 0);
         for n in [4, 16, 1, 7, 64, 2, 1, 9, 3, 12].iter().cycle() {
             if d.load(Ordering::Relaxed) {
                 break;
@@ -191,18 +192,30 @@ async fn resharding_while_orders_flow_loses_nothing() {
             let r = a.set_shards(product, *n).await;
             assert_eq!(r.status, 200, "{:?}", r.body);
             changes += 1;
+            if r.json()["inventory"].as_i64().unwrap() > 0 {
+                while_selling += 1;
+            }
         }
-        changes
+        (changes, while_selling)
     });
-    // More orders than stock: every unit must sell, and not one more.
+    // More orders than stock (orders of 1 and 2 alternate, and orders of 1 keep coming after
+    // the sell-out): every unit must sell, and not one more.
     let counts = storm(&app, 32, 420, move |i| vec![(product, 1 + (i % 2) as i64)]).await;
     done.store(true, Ordering::Relaxed);
-    let changes = resharder.await.unwrap();
-    eprintln!("reshard storm: {changes} shard changes, {counts:?}");
-    assert!(changes >= 3, "the shard count changed only {changes} times");
-    let sold = app.sold(product).await;
-    assert_eq!(app.inventory(product).await + sold, 300);
-    // Orders of 1 and 2 alternate, so at most 1 unit can be left that no order could take.
-    assert!(app.inventory(product).await <= 1, "stock stranded");
+    let (changes, while_selling) = resharder.await.unwrap();
+    eprintln!("reshard storm: {changes} shard changes ({while_selling} while selling), {counts:?}");
+    assert!(
+        while_selling >= 3,
+        "the shard count changed only {while_selling} times while stock was selling"
+    );
+    assert_eq!(app.inventory(product).await, 0, "stock stranded");
+    assert_eq!(app.sold(product).await, 300);
+    assert_eq!(counts.values().sum::<usize>(), 420);
+    let placed = app
+        .count(&format!(
+            "SELECT count(*) FROM order_items WHERE product_id = {product}"
+        ))
+        .await;
+    assert_eq!(counts.get(&201).copied().unwrap_or(0) as i64, placed);
     app.assert_books_balance().await;
 }
