@@ -244,13 +244,14 @@ END $$;
 -- update locks on a hot row and turn each into a MultiXact (measured: 4x slower at 32 clients);
 -- written after it, this transaction already holds the row and it costs nothing.
 --
--- Result as V1's place_order (the release before V5 calls it): outcome 'created' with the new
--- id and the response JSON, or an error code ('unknown_user', 'unknown_product',
--- 'insufficient_inventory') with its details as JSON and no id. Unlike V1, which checked that
--- every product exists before any stock, the first line that fails, in product id order, is
--- the one reported.
-CREATE OR REPLACE FUNCTION place_order(p_user_id bigint, p_product_ids bigint[], p_quantities integer[])
-RETURNS TABLE (outcome text, order_id bigint, body text)
+-- Returns outcome 'created' with the new order's id, created_at, total, and its lines as
+-- placed (merged, in product id order, with unit prices), or an error code ('unknown_user',
+-- 'unknown_product', 'insufficient_inventory') with its details as JSON. Unlike V1, which
+-- checked that every product exists before any stock, the first line that fails, in product
+-- id order, is the one reported.
+CREATE FUNCTION place_order_lean(p_user_id bigint, p_product_ids bigint[], p_quantities integer[])
+RETURNS TABLE (outcome text, order_id bigint, created_at timestamptz, total_cents bigint,
+               product_ids bigint[], quantities bigint[], unit_prices bigint[], details text)
 LANGUAGE plpgsql
 -- Statements over arrays otherwise get a custom plan, planned anew on every call (measured:
 -- +33% orders/s on the spread load with generic plans).
@@ -294,13 +295,9 @@ BEGIN
             INSERT INTO inventory_movements (product_id, delta, reason, order_id)
             SELECT s.id, -p_quantities[1], 'sale', o.id FROM new_order o, sold s
         )
-        SELECT 'created'::text, o.id, row_to_json(r)::text
-        FROM new_order o, sold s,
-        LATERAL (SELECT o.id AS order_id, o.status, o.user_id, o.total_cents,
-                        (SELECT array_to_json(array_agg(i))
-                         FROM (SELECT s.id AS product_id, p_quantities[1] AS quantity,
-                                      s.price_cents AS unit_price_cents) i) AS items,
-                        api_time(o.created_at) AS created_at) r;
+        SELECT 'created'::text, o.id, o.created_at, o.total_cents, ARRAY[s.id],
+               ARRAY[p_quantities[1]::bigint], ARRAY[s.price_cents], NULL::text
+        FROM new_order o, sold s;
         IF FOUND THEN
             RETURN;
         END IF;
@@ -336,13 +333,9 @@ BEGIN
                     INSERT INTO inventory_movements (product_id, delta, reason, order_id)
                     SELECT s.id, -p_quantities[1], 'sale', o.id FROM new_order o, sold s
                 )
-                SELECT 'created'::text, o.id, row_to_json(r)::text
-                FROM new_order o, sold s,
-                LATERAL (SELECT o.id AS order_id, o.status, o.user_id, o.total_cents,
-                                (SELECT array_to_json(array_agg(i))
-                                 FROM (SELECT s.id AS product_id, p_quantities[1] AS quantity,
-                                              s.price_cents AS unit_price_cents) i) AS items,
-                                api_time(o.created_at) AS created_at) r;
+                SELECT 'created'::text, o.id, o.created_at, o.total_cents, ARRAY[s.id],
+                       ARRAY[p_quantities[1]::bigint], ARRAY[s.price_cents], NULL::text
+                FROM new_order o, sold s;
                 IF FOUND THEN
                     RETURN;
                 END IF;
@@ -355,7 +348,8 @@ BEGIN
 
     PERFORM 1 FROM users u WHERE u.id = p_user_id;
     IF NOT FOUND THEN
-        RETURN QUERY SELECT 'unknown_user', NULL::bigint, json_build_object('user_id', p_user_id)::text;
+        RETURN QUERY SELECT 'unknown_user', NULL::bigint, NULL::timestamptz, NULL::bigint, NULL::bigint[],
+            NULL::bigint[], NULL::bigint[], json_build_object('user_id', p_user_id)::text;
         RETURN;
     END IF;
     IF cardinality(p_product_ids) = 1 THEN
@@ -389,10 +383,12 @@ BEGIN
                 END IF;
             END LOOP;
             IF v_take.shard = -2 THEN
-                RETURN QUERY SELECT 'unknown_product', NULL::bigint,
+                RETURN QUERY SELECT 'unknown_product', NULL::bigint, NULL::timestamptz, NULL::bigint,
+                    NULL::bigint[], NULL::bigint[], NULL::bigint[],
                     json_build_object('product_id', v_ids[i])::text;
             ELSE
-                RETURN QUERY SELECT 'insufficient_inventory', NULL::bigint,
+                RETURN QUERY SELECT 'insufficient_inventory', NULL::bigint, NULL::timestamptz,
+                    NULL::bigint, NULL::bigint[], NULL::bigint[], NULL::bigint[],
                     json_build_object('product_id', v_ids[i], 'requested', v_qtys[i],
                                       'available', v_take.available)::text;
             END IF;
@@ -416,14 +412,29 @@ BEGIN
         SELECT l.product_id, -l.quantity, 'sale', o.id FROM new_order o,
                unnest(v_ids, v_qtys) AS l (product_id, quantity)
     )
-    SELECT 'created'::text, o.id, row_to_json(r)::text
-    FROM new_order o,
-    LATERAL (SELECT o.id AS order_id, o.status, o.user_id, o.total_cents,
-                    (SELECT array_to_json(array_agg(i ORDER BY i.product_id))
-                     FROM (SELECT l.product_id, l.quantity, l.price AS unit_price_cents
-                           FROM unnest(v_ids, v_qtys, v_prices) AS l (product_id, quantity, price)) i) AS items,
-                    api_time(o.created_at) AS created_at) r;
+    SELECT 'created'::text, o.id, o.created_at, o.total_cents, v_ids, v_qtys, v_prices, NULL::text
+    FROM new_order o;
 END $$;
+
+-- The release before V5 calls place_order and reads the response JSON from it; so do keyed
+-- orders (place_order_keyed stores it for replays). This builds that JSON, byte for byte as V1
+-- did, from place_order_lean's columns. The API's unkeyed path calls place_order_lean and builds
+-- the same JSON in Rust, which is cheaper than to_char and row_to_json here (measured: +19 %
+-- orders/s on the one-line spread load).
+CREATE OR REPLACE FUNCTION place_order(p_user_id bigint, p_product_ids bigint[], p_quantities integer[])
+RETURNS TABLE (outcome text, order_id bigint, body text)
+LANGUAGE sql AS $$
+    SELECT l.outcome, l.order_id,
+           CASE WHEN l.outcome = 'created' THEN (
+               SELECT row_to_json(r)::text
+               FROM (SELECT l.order_id, 'PENDING'::text AS status, p_user_id AS user_id, l.total_cents,
+                            (SELECT array_to_json(array_agg(i ORDER BY i.product_id))
+                             FROM unnest(l.product_ids, l.quantities, l.unit_prices)
+                                  AS i (product_id, quantity, unit_price_cents)) AS items,
+                            api_time(l.created_at) AS created_at) r)
+           ELSE l.details END
+    FROM place_order_lean(p_user_id, p_product_ids, p_quantities) l
+$$;
 
 -- PATCH /products/{id}: name, price and the number of stock shards, in one transaction.
 -- Returns the product as the catalog shows it, or no row when there is no such product.

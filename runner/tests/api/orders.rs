@@ -120,3 +120,32 @@ async fn reading_orders_404_and_malformed_ids() {
             .assert_problem(400, "invalid_id");
     }
 }
+
+#[tokio::test]
+async fn the_201_body_is_byte_for_byte_the_same_whether_built_in_rust_or_in_sql() {
+    let app = TestApp::spawn().await;
+    // Unkeyed: place_order_lean's columns, JSON built by the handler. Keyed: place_order's JSON
+    // (the release before V5 reads the same), built in SQL and stored for replays.
+    let lines = [(3, 1), (1, 2)];
+    let plain = app.order(1, &lines).await;
+    let keyed = app.order_keyed(1, &lines, "same-shape-1").await;
+    assert_eq!((plain.status.as_u16(), keyed.status.as_u16()), (201, 201));
+    let normalise = |r: &crate::helpers::TestResponse| {
+        let v = r.json();
+        let text = String::from_utf8(r.body.to_vec()).unwrap();
+        let created_at = v["created_at"].as_str().unwrap().to_owned();
+        // UTC, microseconds, Z: 2026-11-26T01:03:50.940947Z
+        assert_eq!(created_at.len(), 27, "{created_at}");
+        assert!(
+            created_at.ends_with('Z') && created_at.as_bytes()[19] == b'.',
+            "{created_at}"
+        );
+        text.replace(&created_at, "T")
+            .replace(&format!("\"order_id\":{}", v["order_id"]), "\"order_id\":N")
+    };
+    assert_eq!(normalise(&plain), normalise(&keyed));
+    assert_eq!(
+        normalise(&plain),
+        r#"{"order_id":N,"status":"PENDING","user_id":1,"total_cents":10997,"items":[{"product_id":1,"quantity":2,"unit_price_cents":4999},{"product_id":3,"quantity":1,"unit_price_cents":999}],"created_at":"T"}"#
+    );
+}

@@ -190,6 +190,10 @@ async fn the_guard_fails_on_a_dropped_function_a_changed_type_or_a_broken_body()
         ),
         (
             "ALTER TABLE orders ALTER COLUMN total_cents TYPE numeric",
+            "create-order: place: structure of query does not match function result type",
+        ),
+        (
+            "ALTER TABLE orders ALTER COLUMN attempts TYPE bigint",
             "process-orders: claim: returns",
         ),
         (
