@@ -1,7 +1,8 @@
 //! The raw-SQL ceilings, measured with pgbench in the same run as the API:
 //! - the minimal order write (`bench/ceiling/`, a copy of the shared reference: tables shaped
 //!   like the original's and one plpgsql call with only the essential writes, none of our code);
-//! - our own order call: the handler's statement, sent with `-M extended` as `query_typed` does.
+//! - our own order call: the handler's statement (`place_order_lean`), sent with `-M extended`
+//!   as `query_typed` does.
 //!
 //! A ceiling is the best tps over 4, 8, 16 and 32 clients. pgbench connects over TCP to the same
 //! server as the API's pool, without TLS as the pool does (libpq would otherwise negotiate TLS,
@@ -108,25 +109,54 @@ pub fn minimal_schema() -> String {
         .expect("bench/ceiling/minimal-ceiling.sql")
 }
 
-/// The handler's statement (create-order's `PLACE_ORDER_SQL`, sent with the extended protocol),
+/// The handler's statement (create-order's unkeyed `PLACE_ORDER_SQL`, sent with the extended protocol),
 /// with its three parameters written as literals and its arrays built from pgbench variables:
 /// pgbench has no array variables, so this is as close as it can send.
 pub fn own_hot(product: i64) -> String {
-    format!(
-        "SELECT outcome, order_id, body FROM place_order(1, ARRAY[{product}]::bigint[], ARRAY[1]::int[]);\n"
-    )
+    own(&format!("ARRAY[{product}]::bigint[]"), "ARRAY[1]::int[]")
+}
+
+/// create-order's statement, its parameters written out: user 1, then the two arrays.
+fn own(product_ids: &str, quantities: &str) -> String {
+    let sql = create_order::PLACE_ORDER_SQL
+        .replace("$1", "1")
+        .replace("$2", product_ids)
+        .replace("$3", quantities);
+    format!("{sql};\n")
 }
 
 pub fn own_spread(first: i64, last: i64) -> String {
     format!(
-        "\\set n random(1, 3)\n\\set a random({first}, {last})\n\\set b random({first}, {last})\n\\set c random({first}, {last})\n\
-         SELECT outcome, order_id, body FROM place_order(1, (ARRAY[:a, :b, :c]::bigint[])[1:(:n)], (ARRAY[1, 1, 1]::int[])[1:(:n)]);\n"
+        "\\set n random(1, 3)\n\\set a random({first}, {last})\n\\set b random({first}, {last})\n\\set c random({first}, {last})\n{}",
+        own(
+            "(ARRAY[:a, :b, :c]::bigint[])[1:(:n)]",
+            "(ARRAY[1, 1, 1]::int[])[1:(:n)]"
+        )
     )
 }
 
 pub fn own_spread1(first: i64, last: i64) -> String {
     format!(
-        "\\set a random({first}, {last})\n\
-         SELECT outcome, order_id, body FROM place_order(1, ARRAY[:a]::bigint[], ARRAY[1]::int[]);\n"
+        "\\set a random({first}, {last})\n{}",
+        own("ARRAY[:a]::bigint[]", "ARRAY[1]::int[]")
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_own_ceiling_sends_the_handlers_statement_with_its_parameters_written_out() {
+        let hot = own_hot(4);
+        assert_eq!(
+            hot,
+            "SELECT outcome, order_id, created_at, total_cents, product_ids, quantities, \
+             unit_prices, details FROM place_order_lean(1, ARRAY[4]::bigint[], ARRAY[1]::int[]);\n"
+        );
+        for script in [own_spread(5, 1004), own_spread1(5, 1004)] {
+            assert!(!script.contains('$'), "{script}");
+            assert!(script.contains("FROM place_order_lean(1, "), "{script}");
+        }
+    }
 }

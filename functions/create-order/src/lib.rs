@@ -131,7 +131,8 @@ fn idempotency_key(request: &Request) -> Result<Option<String>, ApiError> {
     Ok(Some(String::from_utf8_lossy(bytes).into_owned()))
 }
 
-const PLACE_ORDER_SQL: &str = "SELECT outcome, order_id, created_at, total_cents, product_ids, \
+/// What an unkeyed order sends (the bench's own-SQL ceiling sends the same text).
+pub const PLACE_ORDER_SQL: &str = "SELECT outcome, order_id, created_at, total_cents, product_ids, \
      quantities, unit_prices, details FROM place_order_lean($1, $2, $3)";
 const PLACE_ORDER_KEYED_SQL: &str =
     "SELECT outcome, order_id, body FROM place_order_keyed($1, $2, $3, $4, $5, $6)";
