@@ -72,7 +72,16 @@ struct Claims {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     iss: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    aud: Option<String>,
+    aud: Option<Audience>,
+}
+
+/// RFC 7519 allows `aud` to be one string or an array of them, and identity providers send
+/// both; jsonwebtoken checks ours is among them. We mint the single-string form.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(untagged)]
+enum Audience {
+    One(String),
+    Many(Vec<String>),
 }
 
 /// The verification key material, as configured.
@@ -256,7 +265,7 @@ pub fn mint(
         nbf: None,
         iat: Some(now),
         iss: config.jwt_issuer.clone(),
-        aud: config.jwt_audience.clone(),
+        aud: config.jwt_audience.clone().map(Audience::One),
     };
     jsonwebtoken::encode(&Header::new(keys.algorithm()), &claims, &encoding)
         .map_err(|e| ConfigError::new(format!("signing a token: {e}")))

@@ -63,11 +63,21 @@ pub fn render(pool: &Pool) -> String {
 pub fn record_request(route: &'static str, method: &str, status: u16, elapsed: Duration) {
     let labels = [
         ("route", route.to_owned()),
-        ("method", method.to_owned()),
+        ("method", method_label(method).to_owned()),
         ("status", status.to_string()),
     ];
     counter!("tally_http_requests_total", &labels).increment(1);
     histogram!("tally_http_request_duration_seconds", &labels).record(elapsed);
+}
+
+/// The method as a metric label: the standard ones by name, anything a client invents as
+/// `other`. Every label value is from a fixed set (routes are templates, statuses three
+/// digits), so a hostile client cannot grow `/metrics`, or the memory behind it, without bound.
+fn method_label(method: &str) -> &'static str {
+    const KNOWN: [&str; 9] = [
+        "GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "CONNECT", "TRACE",
+    ];
+    KNOWN.into_iter().find(|m| *m == method).unwrap_or("other")
 }
 
 /// Times one database statement under `statement`.

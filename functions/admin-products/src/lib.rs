@@ -203,10 +203,11 @@ async fn adjust_inventory(request: Request, state: AppState) -> HandlerResult {
     if adjustment
         .note
         .as_ref()
-        .is_some_and(|n| n.chars().count() > 500)
+        .is_some_and(|n| n.chars().count() > 500 || n.chars().any(char::is_control))
     {
+        // PostgreSQL text cannot hold NUL at all, and no control character belongs in a note.
         return Err(ApiError::InvalidRequest(
-            "note must be at most 500 characters".into(),
+            "note must be at most 500 characters, no control characters".into(),
         ));
     }
     let conn = state.db().await?;

@@ -1,12 +1,14 @@
-//! `cancel-order`: `POST /orders/{id}/cancel`. A PENDING or CONFIRMED order becomes CANCELLED
-//! and its stock goes back, atomically and exactly once (the `release_order` SQL function).
-//! Only its owner or an admin may cancel it.
+//! `cancel-order`: `POST /orders/{id}/cancel`. A PENDING order becomes CANCELLED and its stock
+//! goes back, atomically and exactly once (the `release_order` SQL function). Its owner or an
+//! admin may cancel it. A CONFIRMED order has been fulfilled: only an admin may cancel it, as a
+//! return, and the body must say whether the goods came back (`{"restock": true|false}`).
 //! Cancelling again answers 409 `invalid_transition`: the caller learns the order was already
 //! cancelled (or failed) and that nothing was restocked by this call.
 
 use http::{Method, StatusCode};
+use serde::Deserialize;
 use tally_shared::auth;
-use tally_shared::http::{path_id, raw_json_response};
+use tally_shared::http::{json_body, path_id, raw_json_response};
 use tally_shared::router::HandlerResult;
 use tally_shared::{ApiError, AppState, Request, Route, meters};
 use tokio_postgres::types::Type;
@@ -17,16 +19,31 @@ pub fn routes() -> Vec<Route> {
     })]
 }
 
-const CANCEL_SQL: &str = "SELECT outcome, status, user_id, body FROM cancel_order($1, $2)";
+const CANCEL_SQL: &str = "SELECT outcome, status, user_id, body FROM cancel_order_as($1, $2, $3)";
+
+/// The optional body. Unknown fields are refused so that a typo cannot silently restock.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CancelBody {
+    restock: Option<bool>,
+}
 
 pub async fn cancel_order(request: Request, state: AppState) -> HandlerResult {
     let caller = auth::principal(&request)?;
     let id = path_id(&request, "id")?;
     // The owner, or (None) an admin; someone else's order is answered as a missing one.
     let actor = (!caller.is_admin()).then_some(caller.user_id);
+    let restock = if request.body().is_empty() {
+        None
+    } else {
+        json_body::<CancelBody>(&request)?.restock
+    };
     let conn = state.db().await?;
-    let params: [(&(dyn tokio_postgres::types::ToSql + Sync), Type); 2] =
-        [(&id, Type::INT8), (&actor, Type::INT8)];
+    let params: [(&(dyn tokio_postgres::types::ToSql + Sync), Type); 3] = [
+        (&id, Type::INT8),
+        (&actor, Type::INT8),
+        (&restock, Type::BOOL),
+    ];
     let rows = meters::timed("cancel_order", conn.query_typed(CANCEL_SQL, &params)).await?;
     drop(conn);
     let row = rows
@@ -41,6 +58,9 @@ pub async fn cancel_order(request: Request, state: AppState) -> HandlerResult {
             status: row.get(1),
             target: "CANCELLED",
         }),
+        "restock_required" => Err(ApiError::InvalidRequest(
+            "the order is CONFIRMED: cancelling it is a return, so say whether the goods came back with {\"restock\": true} or {\"restock\": false}".into(),
+        )),
         other => Err(ApiError::Internal(format!(
             "cancel_order outcome {other:?}"
         ))),

@@ -456,3 +456,28 @@ async fn a_short_hmac_secret_is_refused_at_start() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("at least 32 bytes"));
 }
+
+#[tokio::test]
+async fn an_audience_array_that_holds_ours_is_accepted_and_one_that_does_not_is_refused() {
+    let app = TestApp::spawn().await;
+    // RFC 7519 allows an array; identity providers send one.
+    let ours = hs256(
+        &with(json!({"aud": ["https://other.example", TEST_AUDIENCE]})),
+        TEST_SECRET.as_bytes(),
+    );
+    let r = order_with(&app, &format!("Bearer {ours}")).await;
+    assert_eq!(r.status, 201, "{:?}", String::from_utf8_lossy(&r.body));
+    let theirs = hs256(
+        &with(json!({"aud": ["https://other.example", "another-api"]})),
+        TEST_SECRET.as_bytes(),
+    );
+    assert_unauthorized(
+        &order_with(&app, &format!("Bearer {theirs}")).await,
+        "audience array without ours",
+    );
+    let empty = hs256(&with(json!({"aud": []})), TEST_SECRET.as_bytes());
+    assert_unauthorized(
+        &order_with(&app, &format!("Bearer {empty}")).await,
+        "empty audience array",
+    );
+}

@@ -396,3 +396,70 @@ async fn a_chunked_body_is_cut_off_at_the_cap_without_a_declared_length() {
     assert!(text.contains("\"error\":\"payload_too_large\""), "{text}");
     assert_eq!(app.count("SELECT count(*) FROM orders").await, 0);
 }
+
+#[tokio::test]
+async fn control_characters_in_any_text_field_are_a_400_not_a_500() {
+    let app = TestApp::spawn().await;
+    let json = [("content-type", JSON)];
+    for (method, path, body) in [
+        // NUL: PostgreSQL text cannot hold it, and this once reached the database (500).
+        (
+            Method::POST,
+            "/products/1/inventory",
+            r#"{"delta":1,"reason":"restock","note":"a\u0000b"}"#,
+        ),
+        (
+            Method::POST,
+            "/products/1/inventory",
+            r#"{"delta":1,"reason":"restock","note":"line\u001bbreak"}"#,
+        ),
+        (
+            Method::POST,
+            "/products/1/inventory",
+            r#"{"delta":1,"reason":"restock\u0000","note":"x"}"#,
+        ),
+        (
+            Method::POST,
+            "/products",
+            r#"{"sku":"A\u0000B","name":"x","price_cents":1}"#,
+        ),
+        (
+            Method::POST,
+            "/products",
+            r#"{"sku":"OK-1","name":"x\u0000y","price_cents":1}"#,
+        ),
+        (Method::PATCH, "/products/1", r#"{"name":"tab\there"}"#),
+    ] {
+        let r = app.request(method.clone(), path, &json, body).await;
+        r.assert_problem(400, "invalid_request");
+    }
+    assert_eq!(
+        app.count("SELECT count(*) FROM inventory_movements WHERE reason <> 'initial'")
+            .await,
+        0
+    );
+    app.assert_books_balance().await;
+}
+
+#[tokio::test]
+async fn invented_methods_and_paths_cannot_grow_the_metrics() {
+    let app = TestApp::spawn().await;
+    for i in 0..40 {
+        let method = Method::from_bytes(format!("INVENTED{i}").as_bytes()).unwrap();
+        let r = app
+            .request(method, &format!("/nowhere-{i}/x"), &[], "")
+            .await;
+        assert!(r.status.is_client_error(), "{}", r.status);
+    }
+    let metrics = String::from_utf8(app.get("/metrics").await.body.to_vec()).unwrap();
+    assert!(!metrics.contains("INVENTED"), "a raw method became a label");
+    assert!(!metrics.contains("/nowhere-"), "a raw path became a label");
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("tally_http_requests_total")
+                && l.contains("method=\"other\"")
+                && l.contains("route=\"unmatched\"")),
+        "invented methods are counted as other"
+    );
+}

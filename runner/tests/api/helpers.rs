@@ -452,11 +452,16 @@ impl TestApp {
             .get(0)
     }
 
+    /// Units of a product that left with orders and did not come back: every order's items,
+    /// but for orders whose stock was returned (a cancel, expiry or failure wrote a ledger row
+    /// for it; a CONFIRMED order cancelled without restock keeps its goods sold).
     pub async fn sold(&self, product_id: i64) -> i64 {
         self.db
             .query_one(
-                "SELECT coalesce(sum(quantity), 0)::bigint FROM order_items i JOIN orders o ON o.id = i.order_id \
-                 WHERE i.product_id = $1 AND o.status <> 'CANCELLED' AND o.status <> 'FAILED'",
+                "SELECT coalesce(sum(quantity), 0)::bigint FROM order_items i \
+                 WHERE i.product_id = $1 AND NOT EXISTS (SELECT FROM inventory_movements m \
+                     WHERE m.order_id = i.order_id AND m.product_id = i.product_id \
+                       AND m.reason IN ('cancellation', 'expiry', 'failure'))",
                 &[&product_id],
             )
             .await

@@ -257,3 +257,76 @@ async fn a_process_killed_mid_storm_then_retried_places_each_key_exactly_once() 
     assert_eq!(app.sold(product).await, expected);
     app.assert_books_balance().await;
 }
+
+#[tokio::test]
+async fn customers_cancel_pending_orders_only_and_an_admins_return_says_whether_stock_came_back() {
+    let app = TestApp::spawn().await;
+    let place = || async {
+        app.order(1, &[(1, 2)]).await.json()["order_id"]
+            .as_i64()
+            .unwrap()
+    };
+    let (kept, returned, lost) = (place().await, place().await, place().await);
+    app.db
+        .execute(
+            "UPDATE orders SET status = 'CONFIRMED' WHERE id = ANY($1)",
+            &[&vec![kept, returned, lost]],
+        )
+        .await
+        .unwrap();
+    assert_eq!(app.inventory(1).await, 44);
+    let cancel = |id: i64, who: String, body: &'static str| {
+        let app = &app;
+        async move {
+            let headers = [
+                ("authorization", who.as_str()),
+                ("content-type", "application/json"),
+            ];
+            app.request(
+                Method::POST,
+                &format!("/orders/{id}/cancel"),
+                &headers,
+                body,
+            )
+            .await
+        }
+    };
+    // The owner: a fulfilled order is no longer theirs to cancel, whatever the body says.
+    for body in ["", r#"{"restock":true}"#] {
+        let r = cancel(kept, app.customer(1), body).await;
+        assert_eq!(
+            r.assert_problem(409, "invalid_transition")["order_status"],
+            "CONFIRMED"
+        );
+    }
+    // An admin must say whether the goods came back.
+    cancel(kept, app.admin(), "")
+        .await
+        .assert_problem(400, "invalid_request");
+    cancel(kept, app.admin(), r#"{"restok":true}"#)
+        .await
+        .assert_problem(400, "invalid_request");
+    assert_eq!(app.inventory(1).await, 44, "nothing moved yet");
+    let r = cancel(returned, app.admin(), r#"{"restock":true}"#).await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(r.json()["order"]["status"], "CANCELLED");
+    assert_eq!(
+        app.inventory(1).await,
+        46,
+        "the returned goods are back in stock"
+    );
+    let r = cancel(lost, app.admin(), r#"{"restock":false}"#).await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(r.json()["order"]["status"], "CANCELLED");
+    assert_eq!(
+        app.inventory(1).await,
+        46,
+        "goods that did not come back stay sold"
+    );
+    // A PENDING order: the owner cancels it, and its stock returns (it never left).
+    let pending = place().await;
+    let r = cancel(pending, app.customer(1), "").await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(app.inventory(1).await, 46);
+    app.assert_books_balance().await;
+}

@@ -138,11 +138,17 @@ async fn stale_pending_orders_expire_with_their_stock_returned_and_old_keys_go()
     assert_eq!(status(stale).await, "FAILED");
     assert_eq!(status(fresh).await, "CONFIRMED");
     assert_eq!((app.inventory(1).await, app.inventory(2).await), (49, 10));
-    // A confirmed order can still be cancelled; a failed one cannot.
+    // A confirmed order can still be cancelled by an admin, as a return whose goods came back;
+    // a failed one cannot.
     let r = app
-        .request(Method::POST, &format!("/orders/{fresh}/cancel"), &[], "")
+        .request(
+            Method::POST,
+            &format!("/orders/{fresh}/cancel"),
+            &[("content-type", "application/json")],
+            r#"{"restock":true}"#,
+        )
         .await;
-    assert_eq!(r.status, 200);
+    assert_eq!(r.status, 200, "{:?}", r.body);
     app.request(Method::POST, &format!("/orders/{stale}/cancel"), &[], "")
         .await
         .assert_problem(409, "invalid_transition");
