@@ -23,6 +23,30 @@ pub enum MigrateError {
     Migration(#[from] refinery::Error),
 }
 
+/// How a migration waits for the table locks its DDL needs. A statement like `ALTER TABLE`
+/// queues for an ACCESS EXCLUSIVE lock behind whatever holds the table (a backup's long read),
+/// and every order queues behind *it*: so a migration waits at most `lock_timeout`, gives the
+/// lock back, and tries again later, logging each wait.
+#[derive(Debug, Clone, Copy)]
+pub struct LockPolicy {
+    pub lock_timeout: std::time::Duration,
+    pub first_backoff: std::time::Duration,
+    pub max_backoff: std::time::Duration,
+    pub attempts: u32,
+}
+
+impl Default for LockPolicy {
+    /// Orders wait at most 2 s behind the migrator at a time; it keeps trying for ~5 minutes.
+    fn default() -> Self {
+        Self {
+            lock_timeout: std::time::Duration::from_secs(2),
+            first_backoff: std::time::Duration::from_millis(250),
+            max_backoff: std::time::Duration::from_secs(10),
+            attempts: 40,
+        }
+    }
+}
+
 /// Connects, applies every pending migration under an advisory lock, and returns the client
 /// for further setup (the seed). Returns the version now applied.
 pub async fn migrate(database_url: &str) -> Result<(Client, Option<i32>), MigrateError> {
@@ -35,6 +59,15 @@ pub async fn migrate_to(
     database_url: &str,
     target: Option<i32>,
 ) -> Result<(Client, Option<i32>), MigrateError> {
+    migrate_with(database_url, target, LockPolicy::default()).await
+}
+
+/// As [`migrate_to`], with the lock policy spelled out (tests use milliseconds).
+pub async fn migrate_with(
+    database_url: &str,
+    target: Option<i32>,
+    policy: LockPolicy,
+) -> Result<(Client, Option<i32>), MigrateError> {
     let (mut client, connection) = tokio_postgres::connect(database_url, NoTls)
         .await
         .map_err(MigrateError::Connect)?;
@@ -44,15 +77,41 @@ pub async fn migrate_to(
         }
     });
     client
+        .batch_execute(&format!(
+            "SET lock_timeout = {}",
+            policy.lock_timeout.as_millis()
+        ))
+        .await?;
+    client
         .execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK])
         .await?;
-    let report = embedded::migrations::runner()
-        .set_target(target.map_or(refinery::Target::Latest, |v| {
-            refinery::Target::Version(v as _)
-        }))
-        .set_abort_divergent(true)
-        .run_async(&mut client)
-        .await;
+    let mut backoff = policy.first_backoff;
+    let mut attempt = 1;
+    let report = loop {
+        let report = embedded::migrations::runner()
+            .set_target(target.map_or(refinery::Target::Latest, |v| {
+                refinery::Target::Version(v as _)
+            }))
+            .set_abort_divergent(true)
+            .run_async(&mut client)
+            .await;
+        match report {
+            Err(e) if waited_for_a_lock(&e) && attempt < policy.attempts => {
+                // Each migration is its own transaction: the failed one rolled back, those
+                // before it stay applied, and the next run starts where this one stopped.
+                tracing::warn!(
+                    attempt,
+                    retry_in_ms = backoff.as_millis() as u64,
+                    error = %e,
+                    "migration waited too long for a table lock; it let go so requests can pass, and will try again"
+                );
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(policy.max_backoff);
+                attempt += 1;
+            }
+            other => break other,
+        }
+    };
     client
         .execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK])
         .await?;
@@ -65,6 +124,19 @@ pub async fn migrate_to(
         .await?
         .map(|m| m.version());
     Ok((client, version))
+}
+
+/// Whether a failed run gave up on a lock (`lock_timeout`: SQLSTATE 55P03).
+fn waited_for_a_lock(e: &refinery::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = source {
+        if let Some(pg) = err.downcast_ref::<tokio_postgres::Error>() {
+            return pg.code() == Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE);
+        }
+        source = err.source();
+    }
+    // refinery may flatten the cause into its message.
+    e.to_string().contains("lock timeout")
 }
 
 /// Loads the demo seed if there are no products yet. Returns whether it did.

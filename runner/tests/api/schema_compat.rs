@@ -218,3 +218,69 @@ async fn the_guard_fails_on_a_dropped_function_a_changed_type_or_a_broken_body()
         assert!(e.starts_with(expected), "{change}: {e}");
     }
 }
+
+/// A migration whose DDL queues behind a long reader (a backup) must not make every order queue
+/// behind it: it gives up the lock after `lock_timeout`, lets requests pass, and tries again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_migration_behind_a_long_reader_lets_orders_pass_and_retries() {
+    use std::time::{Duration, Instant};
+    let db = fresh_database_at(admin_url(), Some(4)).await;
+    let connect = || async {
+        let (c, conn) = tokio_postgres::connect(&db, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        c
+    };
+    let blocker = connect().await;
+    tally_shared::migrate::seed_if_empty(&blocker)
+        .await
+        .unwrap();
+    // A reader holding products for 1.5 s, as pg_dump holds every table it dumps.
+    blocker
+        .batch_execute("BEGIN; SELECT count(*) FROM products;")
+        .await
+        .unwrap();
+    let policy = tally_shared::migrate::LockPolicy {
+        lock_timeout: Duration::from_millis(100),
+        first_backoff: Duration::from_millis(50),
+        max_backoff: Duration::from_millis(200),
+        attempts: 100,
+    };
+    let url = db.clone();
+    let migrator = tokio::spawn(async move {
+        tally_shared::migrate::migrate_with(&url, None, policy)
+            .await
+            .map(|(_, v)| v)
+    });
+    // Meanwhile a write to the same table: without a lock timeout it would queue behind the
+    // migrator's ACCESS EXCLUSIVE request until the reader finished.
+    let writer = connect().await;
+    // Without the migrator's lock timeout this write would wait until the reader is done (and
+    // the reader waits for this loop): fail after 1 s instead of hanging.
+    writer
+        .batch_execute("SET lock_timeout = 1000")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let mut slowest = Duration::ZERO;
+    while started.elapsed() < Duration::from_millis(1500) {
+        let t = Instant::now();
+        writer
+            .execute("UPDATE products SET updated_at = now() WHERE id = 1", &[])
+            .await
+            .unwrap();
+        slowest = slowest.max(t.elapsed());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    blocker.batch_execute("COMMIT").await.unwrap();
+    let version = migrator
+        .await
+        .unwrap()
+        .expect("the migration completes once the reader is done");
+    assert!(version.unwrap() >= 5, "{version:?}");
+    assert!(
+        slowest < Duration::from_millis(700),
+        "a write waited {slowest:?} behind the migrator"
+    );
+}
