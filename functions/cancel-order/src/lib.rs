@@ -58,8 +58,11 @@ pub async fn cancel_order(request: Request, state: AppState) -> HandlerResult {
             status: row.get(1),
             target: "CANCELLED",
         }),
+        "nothing_shipped" => Err(ApiError::InvalidRequest(
+            "the order is PENDING and not in fulfilment: nothing has left, so its stock returns; send no restock, or restock: true".into(),
+        )),
         "restock_required" => Err(ApiError::InvalidRequest(
-            "the order is CONFIRMED: cancelling it is a return, so say whether the goods came back with {\"restock\": true} or {\"restock\": false}".into(),
+            "the order is in fulfilment (CONFIRMED, or claimed by the processor): cancelling it is a return, so say whether the goods came back with {\"restock\": true} or {\"restock\": false}".into(),
         )),
         other => Err(ApiError::Internal(format!(
             "cancel_order outcome {other:?}"

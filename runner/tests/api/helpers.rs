@@ -452,16 +452,14 @@ impl TestApp {
             .get(0)
     }
 
-    /// Units of a product that left with orders and did not come back: every order's items,
-    /// but for orders whose stock was returned (a cancel, expiry or failure wrote a ledger row
-    /// for it; a CONFIRMED order cancelled without restock keeps its goods sold).
+    /// Units of a product that left with orders and did not come back: live orders' items,
+    /// and those of orders cancelled as a return whose goods stayed away (`restocked = false`).
     pub async fn sold(&self, product_id: i64) -> i64 {
         self.db
             .query_one(
-                "SELECT coalesce(sum(quantity), 0)::bigint FROM order_items i \
-                 WHERE i.product_id = $1 AND NOT EXISTS (SELECT FROM inventory_movements m \
-                     WHERE m.order_id = i.order_id AND m.product_id = i.product_id \
-                       AND m.reason IN ('cancellation', 'expiry', 'failure'))",
+                "SELECT coalesce(sum(quantity), 0)::bigint FROM order_items i JOIN orders o ON o.id = i.order_id \
+                 WHERE i.product_id = $1 \
+                   AND (o.status NOT IN ('CANCELLED', 'FAILED') OR o.restocked IS NOT DISTINCT FROM false)",
                 &[&product_id],
             )
             .await
@@ -476,6 +474,20 @@ impl TestApp {
     /// The books balance for every product: starting stock = stock left + stock sold, and the
     /// ledger agrees (stock = sum of movements). Panics naming the product that drifted.
     pub async fn assert_books_balance(&self) {
+        // Stock came back for exactly the orders that were released with a restock: a live
+        // order with a return row, or a released one without, is stock lost or sold twice.
+        let wrong = self
+            .count(
+                "SELECT count(*) FROM orders o \
+                 WHERE (o.status IN ('CANCELLED', 'FAILED') AND o.restocked IS DISTINCT FROM false) \
+                   <> EXISTS (SELECT FROM inventory_movements m WHERE m.order_id = o.id \
+                              AND m.reason IN ('cancellation', 'expiry', 'failure'))",
+            )
+            .await;
+        assert_eq!(
+            wrong, 0,
+            "orders whose stock return does not match their status"
+        );
         let rows = self
             .db
             .query(

@@ -323,10 +323,39 @@ async fn customers_cancel_pending_orders_only_and_an_admins_return_says_whether_
         46,
         "goods that did not come back stay sold"
     );
-    // A PENDING order: the owner cancels it, and its stock returns (it never left).
+    // A PENDING order under a live processor claim is in fulfilment (its step may be charging
+    // now): as CONFIRMED for a cancel.
+    let claimed = place().await;
+    app.db
+        .execute(
+            "UPDATE orders SET claimed_until = now() + interval '1 minute', attempts = 1 WHERE id = $1",
+            &[&claimed],
+        )
+        .await
+        .unwrap();
+    let r = cancel(claimed, app.customer(1), "").await;
+    assert_eq!(
+        r.assert_problem(409, "invalid_transition")["order_status"],
+        "PENDING"
+    );
+    cancel(claimed, app.admin(), "")
+        .await
+        .assert_problem(400, "invalid_request");
+    let r = cancel(claimed, app.admin(), r#"{"restock":false}"#).await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(
+        app.inventory(1).await,
+        44,
+        "a claimed order's goods may have left"
+    );
+    // A PENDING order: the owner cancels it, and its stock returns (it never left); saying
+    // that it did not is refused.
     let pending = place().await;
+    cancel(pending, app.admin(), r#"{"restock":false}"#)
+        .await
+        .assert_problem(400, "invalid_request");
     let r = cancel(pending, app.customer(1), "").await;
     assert_eq!(r.status, 200, "{:?}", r.body);
-    assert_eq!(app.inventory(1).await, 46);
+    assert_eq!(app.inventory(1).await, 44);
     app.assert_books_balance().await;
 }
