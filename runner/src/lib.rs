@@ -192,31 +192,34 @@ fn start_private_postgres() -> Result<(PrivatePostgres, String), String> {
 
 async fn serve(config: Config) -> ExitCode {
     let url = config.database_url.clone().unwrap_or_default();
-    match migrate::migrate(&url).await {
-        Ok((client, version)) => match migrate::seed_if_empty(&client).await {
-            Ok(seeded) => tracing::info!(version, seeded, "database ready"),
-            Err(e) => {
-                eprintln!("tally: loading the demo seed: {e}");
-                return ExitCode::FAILURE;
-            }
-        },
-        Err(e) => {
-            eprintln!("tally: {e}");
-            return ExitCode::FAILURE;
-        }
-    }
-    let pool = match db::lazy_pool(&config, "tally-local") {
-        Ok(p) => p,
-        Err(e) => {
-            eprintln!("tally: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
     let addr = SocketAddr::new(config.host, config.port);
     let listener = match tokio::net::TcpListener::bind(addr).await {
         Ok(l) => l,
         Err(e) => {
             eprintln!("tally: cannot listen on {addr}: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    // Compose and a laptop start things in any order: until PostgreSQL answers and the
+    // migrations are applied, every request (`/healthz` included) is a 503 with Retry-After.
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+    let waiting = tokio::spawn(async move {
+        let listener = listener;
+        runtime::serve_unavailable(&listener, "starting: waiting for PostgreSQL", async {
+            let _ = ready_rx.await;
+        })
+        .await;
+        listener
+    });
+    if let Err(code) = prepare_database(&url).await {
+        return code;
+    }
+    let _ = ready_tx.send(());
+    let listener = waiting.await.expect("the waiting server does not panic");
+    let pool = match db::lazy_pool(&config, "tally-local") {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("tally: {e}");
             return ExitCode::FAILURE;
         }
     };
@@ -266,6 +269,41 @@ async fn serve(config: Config) -> ExitCode {
         worker.abort();
     }
     ExitCode::SUCCESS
+}
+
+/// Connects (retrying, with a line each time it waits), migrates and loads the demo seed.
+/// Gives up only on errors that waiting cannot fix.
+async fn prepare_database(url: &str) -> Result<(), ExitCode> {
+    let mut wait = Duration::from_millis(250);
+    loop {
+        match migrate::migrate(url).await {
+            Ok((client, version)) => {
+                return match migrate::seed_if_empty(&client).await {
+                    Ok(seeded) => {
+                        tracing::info!(version, seeded, "database ready");
+                        Ok(())
+                    }
+                    Err(e) => {
+                        eprintln!("tally: loading the demo seed: {e}");
+                        Err(ExitCode::FAILURE)
+                    }
+                };
+            }
+            Err(migrate::MigrateError::Connect(e)) => {
+                eprintln!(
+                    "tally: waiting for PostgreSQL at {} ({e}); retrying in {} ms",
+                    redact(url),
+                    wait.as_millis()
+                );
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(5));
+            }
+            Err(e) => {
+                eprintln!("tally: {e}");
+                return Err(ExitCode::FAILURE);
+            }
+        }
+    }
 }
 
 /// The URL without its password, for printing.

@@ -212,6 +212,44 @@ pub async fn serve(
     }
 }
 
+/// Answers every request on `listener` with 503 `unavailable` (and `Retry-After`, and
+/// `Connection: close`, so a client's next try reaches the real server) until `ready`
+/// resolves: a process that is up but cannot serve yet, such as the local runner waiting for
+/// PostgreSQL, says so instead of refusing connections.
+pub async fn serve_unavailable(
+    listener: &TcpListener,
+    why: &'static str,
+    ready: impl Future<Output = ()>,
+) {
+    tokio::pin!(ready);
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(_) => {
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut ready => return,
+        };
+        tokio::spawn(async move {
+            let service = service_fn(move |_request: hyper::Request<Incoming>| async move {
+                let mut response = ApiError::Unavailable(why.into()).into_response();
+                response
+                    .headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                Ok::<_, Infallible>(response.map(Full::new))
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .keep_alive(false)
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
 /// One request from hyper: the body is read (capped) as part of answering it.
 async fn answer(
     request: hyper::Request<Incoming>,

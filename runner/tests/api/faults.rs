@@ -170,3 +170,59 @@ async fn sigterm_lets_in_flight_requests_finish_then_exits_0() {
     assert_eq!(app.inventory(1).await, 38);
     app.assert_books_balance().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_runner_started_before_postgres_answers_503_then_serves_once_it_is_up() {
+    let own = tokio::task::spawn_blocking(|| {
+        let own = OwnCluster::start();
+        own.cluster.stop().unwrap();
+        own
+    })
+    .await
+    .unwrap();
+    let db_url = own.cluster.url("postgres");
+    let port = free_port();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_tally"))
+        .env("DATABASE_URL", &db_url)
+        .env("PORT", port.to_string())
+        .env("LOG_LEVEL", "error")
+        .envs(crate::helpers::jwt_env())
+        .env("PROCESS_EVERY_MS", "0")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let app = TestApp::attach_lazily(port);
+    // Up, and saying it cannot serve yet, rather than refusing connections or exiting.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while app.try_get("/healthz").await != Some(503) {
+        assert!(Instant::now() < deadline, "the runner did not answer");
+        assert!(child.try_wait().unwrap().is_none(), "the runner exited");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let r = app.get("/products").await;
+    r.assert_problem(503, "unavailable");
+    assert_eq!(r.header("retry-after"), "1");
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert!(child.try_wait().unwrap().is_none(), "the runner exited");
+
+    let own = tokio::task::spawn_blocking(move || {
+        own.cluster.start().unwrap();
+        own
+    })
+    .await
+    .unwrap();
+    let app = TestApp::attach(port, &db_url).await;
+    app.wait_until_up().await;
+    assert_eq!(app.get("/products").await.status, 200);
+    assert_eq!(app.order(1, &[(1, 1)]).await.status, 201);
+    child.start_kill().unwrap();
+    let out = child.wait_with_output().await.unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("tally: waiting for PostgreSQL at postgres://"),
+        "{stderr}"
+    );
+    drop(own);
+}

@@ -125,6 +125,42 @@ pub struct TestApp {
     client: Client<HttpConnector, Full<Bytes>>,
 }
 
+/// [`TestApp`]'s HTTP side alone, for a server whose database is not up yet.
+pub struct LazyApp {
+    addr: SocketAddr,
+    client: Client<HttpConnector, Full<Bytes>>,
+}
+
+impl LazyApp {
+    pub async fn try_get(&self, path: &str) -> Option<u16> {
+        let request = http::Request::get(format!("http://{}{path}", self.addr))
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        self.client
+            .request(request)
+            .await
+            .ok()
+            .map(|r| r.status().as_u16())
+    }
+
+    pub async fn get(&self, path: &str) -> TestResponse {
+        let request = http::Request::get(format!("http://{}{path}", self.addr))
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let response = self
+            .client
+            .request(request)
+            .await
+            .expect("the server answers");
+        let (parts, body) = response.into_parts();
+        TestResponse {
+            status: parts.status,
+            headers: parts.headers,
+            body: body.collect().await.unwrap().to_bytes(),
+        }
+    }
+}
+
 pub struct TestResponse {
     pub status: StatusCode,
     pub headers: HeaderMap,
@@ -236,6 +272,15 @@ impl TestApp {
             db_url,
             db,
             client,
+        }
+    }
+
+    /// A client for a server on 127.0.0.1:`port` whose database may not answer yet: requests
+    /// only, with no database connection of its own.
+    pub fn attach_lazily(port: u16) -> LazyApp {
+        LazyApp {
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            client: Client::builder(TokioExecutor::new()).build_http(),
         }
     }
 
