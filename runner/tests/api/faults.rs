@@ -182,15 +182,8 @@ async fn the_runner_started_before_postgres_answers_503_then_serves_once_it_is_u
     .unwrap();
     let db_url = own.cluster.url("postgres");
     let port = free_port();
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_tally"))
-        .env("DATABASE_URL", &db_url)
-        .env("PORT", port.to_string())
-        .env("LOG_LEVEL", "error")
-        .envs(crate::helpers::jwt_env())
-        .env("PROCESS_EVERY_MS", "0")
-        .stdout(std::process::Stdio::null())
+    let mut child = crate::helpers::runner_command(&db_url, port)
         .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
         .spawn()
         .unwrap();
     let app = TestApp::attach_lazily(port);

@@ -152,12 +152,7 @@ impl LazyApp {
             .request(request)
             .await
             .expect("the server answers");
-        let (parts, body) = response.into_parts();
-        TestResponse {
-            status: parts.status,
-            headers: parts.headers,
-            body: body.collect().await.unwrap().to_bytes(),
-        }
+        TestResponse::read(response).await
     }
 }
 
@@ -168,6 +163,15 @@ pub struct TestResponse {
 }
 
 impl TestResponse {
+    async fn read(response: http::Response<hyper::body::Incoming>) -> Self {
+        let (parts, body) = response.into_parts();
+        Self {
+            status: parts.status,
+            headers: parts.headers,
+            body: body.collect().await.unwrap().to_bytes(),
+        }
+    }
+
     pub fn json(&self) -> Value {
         serde_json::from_slice(&self.body).unwrap_or_else(|e| {
             panic!(
@@ -303,14 +307,12 @@ impl TestApp {
 
     /// The status of a GET, or None when the server does not answer (yet).
     pub async fn try_get(&self, path: &str) -> Option<u16> {
-        let request = http::Request::get(format!("http://{}{path}", self.addr))
-            .body(Full::new(Bytes::new()))
-            .unwrap();
-        self.client
-            .request(request)
-            .await
-            .ok()
-            .map(|r| r.status().as_u16())
+        LazyApp {
+            addr: self.addr,
+            client: self.client.clone(),
+        }
+        .try_get(path)
+        .await
     }
 
     pub async fn request(
@@ -340,12 +342,7 @@ impl TestApp {
             .request(builder.body(Full::new(body.into())).unwrap())
             .await
             .expect("the server answers");
-        let (parts, body) = response.into_parts();
-        TestResponse {
-            status: parts.status,
-            headers: parts.headers,
-            body: body.collect().await.unwrap().to_bytes(),
-        }
+        TestResponse::read(response).await
     }
 
     /// A valid token for `user_id` with `role`, signed with the test secret.
@@ -606,6 +603,21 @@ impl TestApp {
             );
         }
     }
+}
+
+/// The runner binary on 127.0.0.1:`port` against `db_url`: test keys, errors-only logs, no
+/// processor loop, stdout discarded, killed when dropped.
+pub fn runner_command(db_url: &str, port: u16) -> tokio::process::Command {
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_tally"));
+    command
+        .env("DATABASE_URL", db_url)
+        .env("PORT", port.to_string())
+        .env("LOG_LEVEL", "error")
+        .envs(jwt_env())
+        .env("PROCESS_EVERY_MS", "0")
+        .stdout(std::process::Stdio::null())
+        .kill_on_drop(true);
+    command
 }
 
 /// `{"user_id": .., "items": [{"product_id": .., "quantity": ..}, ..]}`

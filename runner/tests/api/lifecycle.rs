@@ -176,14 +176,7 @@ async fn a_process_killed_mid_storm_then_retried_places_each_key_exactly_once() 
     let db_url = fresh_database(admin_url()).await;
     let port = crate::faults::free_port();
     let spawn = || {
-        tokio::process::Command::new(env!("CARGO_BIN_EXE_tally"))
-            .env("DATABASE_URL", &db_url)
-            .env("PORT", port.to_string())
-            .env("LOG_LEVEL", "error")
-            .envs(crate::helpers::jwt_env())
-            .env("PROCESS_EVERY_MS", "0")
-            .stdout(std::process::Stdio::null())
-            .kill_on_drop(true)
+        crate::helpers::runner_command(&db_url, port)
             .spawn()
             .unwrap()
     };
