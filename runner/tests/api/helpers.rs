@@ -42,8 +42,11 @@ pub fn admin_url() -> &'static str {
 
 const TEST_DB_PREFIX: &str = "tally_test_";
 
-/// Databases from earlier runs of this suite; dropped once per run so they do not pile up.
-fn drop_leftover_databases(url: &str) {
+/// Databases from earlier runs of this suite, dropped once per run so they do not pile up:
+/// only those whose run is over. A name carries its run's process id
+/// (`tally_test_<pid>_<random>`); a database of a run that is still going, on this machine or
+/// sharing the server, is left alone.
+pub fn drop_leftover_databases(url: &str) {
     let url = url.to_owned();
     std::thread::spawn(move || {
         let rt = tokio::runtime::Builder::new_current_thread()
@@ -64,6 +67,9 @@ fn drop_leftover_databases(url: &str) {
                 .unwrap();
             for row in rows {
                 let name: String = row.get(0);
+                if run_of(&name).is_some_and(run_is_alive) {
+                    continue;
+                }
                 let _ = client
                     .batch_execute(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
                     .await;
@@ -72,6 +78,20 @@ fn drop_leftover_databases(url: &str) {
     })
     .join()
     .unwrap();
+}
+
+/// The process id in a test database's name; None for a name of another shape (an older
+/// suite's), which is dropped.
+fn run_of(name: &str) -> Option<u32> {
+    name.strip_prefix(TEST_DB_PREFIX)?
+        .split_once('_')?
+        .0
+        .parse()
+        .ok()
+}
+
+fn run_is_alive(pid: u32) -> bool {
+    std::path::Path::new(&format!("/proc/{pid}")).exists()
 }
 
 /// Swaps the database name in a URL.
@@ -99,7 +119,11 @@ pub async fn fresh_database(server_url: &str) -> String {
 
 /// A fresh database migrated up to `version` (all migrations when None).
 pub async fn fresh_database_at(server_url: &str, version: Option<i32>) -> String {
-    let name = format!("{TEST_DB_PREFIX}{:016x}", random_u64());
+    let name = format!(
+        "{TEST_DB_PREFIX}{}_{:016x}",
+        std::process::id(),
+        random_u64()
+    );
     let (admin, conn) = tokio_postgres::connect(server_url, NoTls)
         .await
         .expect("connect");
