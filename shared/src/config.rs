@@ -32,6 +32,13 @@ pub struct Config {
     pub shutdown_grace_secs: u64,
     #[serde(default = "defaults::log_level")]
     pub log_level: String,
+    /// How long a client has, from connecting, to send a whole request head (and, on a kept-
+    /// alive connection, the next one): a silent or dribbling client is cut off after it.
+    #[serde(default = "defaults::header_read_timeout_ms")]
+    pub header_read_timeout_ms: u64,
+    /// Connections served at once; one more is closed at once rather than queued.
+    #[serde(default = "defaults::max_connections")]
+    pub max_connections: usize,
 
     /// HS256: the shared signing secret (at least 32 bytes).
     pub jwt_hs256_secret: Option<Secret>,
@@ -88,6 +95,12 @@ mod defaults {
     pub fn log_level() -> String {
         "info".into()
     }
+    pub fn header_read_timeout_ms() -> u64 {
+        10_000
+    }
+    pub fn max_connections() -> usize {
+        1_024
+    }
     pub fn jwt_leeway_secs() -> u64 {
         5
     }
@@ -123,6 +136,11 @@ impl Config {
         if self.pool_size == 0 {
             return Err(ConfigError("POOL_SIZE must be at least 1".into()));
         }
+        if self.header_read_timeout_ms == 0 || self.max_connections == 0 {
+            return Err(ConfigError(
+                "HEADER_READ_TIMEOUT_MS and MAX_CONNECTIONS must be at least 1".into(),
+            ));
+        }
         if self.log_level.parse::<tracing::Level>().is_err() {
             return Err(ConfigError(format!(
                 "LOG_LEVEL={:?} is not one of trace, debug, info, warn, error",
@@ -154,6 +172,10 @@ impl Config {
 
     pub fn shutdown_grace(&self) -> Duration {
         Duration::from_secs(self.shutdown_grace_secs)
+    }
+
+    pub fn header_read_timeout(&self) -> Duration {
+        Duration::from_millis(self.header_read_timeout_ms)
     }
 }
 

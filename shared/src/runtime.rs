@@ -162,10 +162,22 @@ pub async fn serve(
     meters::install();
     meters::spawn_upkeep();
     let router = Arc::new(router);
+    let header_timeout = state.config.header_read_timeout();
     let mut builder = auto::Builder::new(TokioExecutor::new());
-    // A timer makes hyper's header-read timeout effective: a client that never finishes its
-    // headers cannot hold a connection forever.
-    builder.http1().timer(TokioTimer::new());
+    // Request heads: at most 64 KiB, and whole within the timeout (a timer makes hyper's
+    // header-read timeout effective). HTTP/2 connections are pinged, so a dead peer goes.
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_timeout)
+        .max_buf_size(MAX_HEAD_BYTES);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(MAX_HEAD_BYTES as u32)
+        .keep_alive_interval(std::time::Duration::from_secs(20))
+        .keep_alive_timeout(std::time::Duration::from_secs(10));
+    let slots = Arc::new(tokio::sync::Semaphore::new(state.config.max_connections));
     let graceful = GracefulShutdown::new();
     tokio::pin!(shutdown);
     loop {
@@ -181,20 +193,32 @@ pub async fn serve(
             },
             () = &mut shutdown => break,
         };
+        // Over the cap: closed at once, so the client (or its load balancer) tries elsewhere
+        // instead of waiting in a queue it cannot see.
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            metrics::counter!("tally_http_connections_refused_total").increment(1);
+            drop(stream);
+            continue;
+        };
         let _ = stream.set_nodelay(true);
         let router = router.clone();
         let state = state.clone();
-        let service = service_fn(move |request| {
-            let router = router.clone();
-            let state = state.clone();
-            async move { Ok::<_, Infallible>(answer(request, &router, state).await) }
-        });
-        let connection = builder
-            .serve_connection(TokioIo::new(stream), service)
-            .into_owned();
-        let connection = graceful.watch(connection);
+        let builder = builder.clone();
+        let watcher = graceful.watcher();
         tokio::spawn(async move {
-            if let Err(e) = connection.await {
+            let _slot = slot;
+            // hyper's header timeout starts once it knows the protocol: until then (nothing
+            // sent, or half an HTTP/2 preface) this bound applies.
+            if !protocol_known_in_time(&stream, header_timeout).await {
+                return;
+            }
+            let service = service_fn(move |request| {
+                let router = router.clone();
+                let state = state.clone();
+                async move { Ok::<_, Infallible>(answer(request, &router, state).await) }
+            });
+            let connection = builder.serve_connection(TokioIo::new(stream), service);
+            if let Err(e) = watcher.watch(connection).await {
                 tracing::debug!(error = %e, "connection ended with an error");
             }
         });
@@ -248,6 +272,31 @@ pub async fn serve_unavailable(
                 .await;
         });
     }
+}
+
+/// Request heads (line and headers) larger than this are refused (431).
+const MAX_HEAD_BYTES: usize = 64 * 1024;
+
+/// Whether the client shows, within `limit`, which protocol it speaks: any first bytes that
+/// are not the start of an HTTP/2 preface, or the whole preface. A client that sends nothing,
+/// or stalls inside the preface, is dropped when the limit passes.
+async fn protocol_known_in_time(
+    stream: &tokio::net::TcpStream,
+    limit: std::time::Duration,
+) -> bool {
+    const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+    let known = async {
+        let mut buf = [0u8; PREFACE.len()];
+        loop {
+            match stream.peek(&mut buf).await {
+                Ok(0) | Err(_) => return false,
+                Ok(n) if n == PREFACE.len() || buf[..n] != PREFACE[..n] => return true,
+                // Part of a preface: wait for more (peek returns at once while data waits).
+                Ok(_) => tokio::time::sleep(std::time::Duration::from_millis(5)).await,
+            }
+        }
+    };
+    tokio::time::timeout(limit, known).await.unwrap_or(false)
 }
 
 /// One request from hyper: the body is read (capped) as part of answering it.

@@ -5,6 +5,7 @@ mod access;
 mod admin;
 mod backups;
 mod bad_input;
+mod connections;
 mod deploy;
 mod faults;
 mod helpers;
