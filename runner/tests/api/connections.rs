@@ -111,3 +111,23 @@ async fn connections_over_the_cap_are_closed_at_once() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+#[tokio::test]
+async fn an_idle_kept_alive_connection_is_closed_after_the_header_timeout() {
+    let app = TestApp::spawn_on(
+        crate::helpers::admin_url(),
+        &[("HEADER_READ_TIMEOUT_MS", "300")],
+    )
+    .await;
+    let mut stream = TcpStream::connect(app.addr).await.unwrap();
+    stream
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut first = [0u8; 12];
+    stream.read_exact(&mut first).await.unwrap();
+    assert_eq!(&first, b"HTTP/1.1 200");
+    // Kept alive, then silent: the wait for the next request head is bounded too.
+    let (_, took) = until_closed(&mut stream, Duration::from_secs(5)).await;
+    assert!(took < Duration::from_secs(3), "{took:?}");
+}
