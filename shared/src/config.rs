@@ -36,6 +36,10 @@ pub struct Config {
     /// alive connection, the next one): a silent or dribbling client is cut off after it.
     #[serde(default = "defaults::header_read_timeout_ms")]
     pub header_read_timeout_ms: u64,
+    /// How long a request body may take to arrive, once its head has: a body that stalls is
+    /// answered 408 and its connection closed.
+    #[serde(default = "defaults::body_read_timeout_ms")]
+    pub body_read_timeout_ms: u64,
     /// Connections served at once; one more is closed at once rather than queued.
     #[serde(default = "defaults::max_connections")]
     pub max_connections: usize,
@@ -98,6 +102,9 @@ mod defaults {
     pub fn header_read_timeout_ms() -> u64 {
         10_000
     }
+    pub fn body_read_timeout_ms() -> u64 {
+        10_000
+    }
     pub fn max_connections() -> usize {
         1_024
     }
@@ -136,9 +143,13 @@ impl Config {
         if self.pool_size == 0 {
             return Err(ConfigError("POOL_SIZE must be at least 1".into()));
         }
-        if self.header_read_timeout_ms == 0 || self.max_connections == 0 {
+        if self.header_read_timeout_ms == 0
+            || self.body_read_timeout_ms == 0
+            || self.max_connections == 0
+        {
             return Err(ConfigError(
-                "HEADER_READ_TIMEOUT_MS and MAX_CONNECTIONS must be at least 1".into(),
+                "HEADER_READ_TIMEOUT_MS, BODY_READ_TIMEOUT_MS and MAX_CONNECTIONS must be at least 1"
+                    .into(),
             ));
         }
         if self.log_level.parse::<tracing::Level>().is_err() {

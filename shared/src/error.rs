@@ -27,6 +27,8 @@ pub enum ApiError {
     UnsupportedMediaType,
     #[error("the body is larger than {limit} bytes")]
     PayloadTooLarge { limit: usize },
+    #[error("the body did not arrive within {limit_ms} ms")]
+    RequestTimeout { limit_ms: u64 },
     #[error("product {product_id} has {available} in stock, {requested} requested")]
     InsufficientInventory {
         product_id: i64,
@@ -73,6 +75,7 @@ impl ApiError {
             MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            RequestTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             InsufficientInventory { .. }
             | IdempotencyKeyInFlight
             | InvalidTransition { .. }
@@ -99,6 +102,7 @@ impl ApiError {
             MethodNotAllowed(_) => "method_not_allowed",
             UnsupportedMediaType => "unsupported_media_type",
             PayloadTooLarge { .. } => "payload_too_large",
+            RequestTimeout { .. } => "request_timeout",
             InsufficientInventory { .. } => "insufficient_inventory",
             UnknownUser { .. } => "unknown_user",
             UnknownProduct { .. } => "unknown_product",

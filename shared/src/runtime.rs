@@ -311,9 +311,23 @@ async fn answer(
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    respond(parts, read_body(declared, body), router, state)
+    let limit_ms = state.config.body_read_timeout_ms;
+    let body = async move {
+        tokio::time::timeout(
+            std::time::Duration::from_millis(limit_ms),
+            read_body(declared, body),
+        )
         .await
-        .map(Full::new)
+        .unwrap_or(Err(ApiError::RequestTimeout { limit_ms }))
+    };
+    let mut response = respond(parts, body, router, state).await;
+    if response.status() == http::StatusCode::REQUEST_TIMEOUT {
+        // The rest of the body may still come: this connection cannot carry another request.
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    response.map(Full::new)
 }
 
 /// One request, start to finish, whichever adapter carried it (hyper here, or Lambda): request

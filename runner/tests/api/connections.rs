@@ -131,3 +131,24 @@ async fn an_idle_kept_alive_connection_is_closed_after_the_header_timeout() {
     let (_, took) = until_closed(&mut stream, Duration::from_secs(5)).await;
     assert!(took < Duration::from_secs(3), "{took:?}");
 }
+
+#[tokio::test]
+async fn a_body_that_stalls_is_answered_408_and_its_connection_closed() {
+    let app = TestApp::spawn_on(
+        crate::helpers::admin_url(),
+        &[("BODY_READ_TIMEOUT_MS", "300")],
+    )
+    .await;
+    let mut stream = TcpStream::connect(app.addr).await.unwrap();
+    let token = app.customer(1);
+    // 1 byte of a declared 100, then nothing.
+    let head = format!(
+        "POST /orders HTTP/1.1\r\nHost: x\r\nAuthorization: {token}\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{{"
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let (answer, took) = until_closed(&mut stream, Duration::from_secs(5)).await;
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("\"error\":\"request_timeout\""), "{answer}");
+    assert!(took < Duration::from_secs(3), "{took:?}");
+    assert_eq!(app.count("SELECT count(*) FROM orders").await, 0);
+}
