@@ -8,6 +8,16 @@ use tokio::net::TcpStream;
 
 use crate::helpers::TestApp;
 
+/// Connects, sends `request`, and returns the connection with the status line's first 12
+/// bytes (`HTTP/1.1 200`), or None when the server closed it first.
+async fn send(app: &TestApp, request: &str) -> (TcpStream, Option<[u8; 12]>) {
+    let mut stream = TcpStream::connect(app.addr).await.unwrap();
+    let _ = stream.write_all(request.as_bytes()).await;
+    let mut first = [0u8; 12];
+    let read = stream.read_exact(&mut first).await.ok().map(|_| first);
+    (stream, read)
+}
+
 /// Reads until the server closes the connection; returns what it sent and how long that took.
 async fn until_closed(stream: &mut TcpStream, limit: Duration) -> (String, Duration) {
     let started = Instant::now();
@@ -83,11 +93,8 @@ async fn connections_over_the_cap_are_closed_at_once() {
     let request = "GET /products HTTP/1.1\r\nHost: x\r\n\r\n";
     let mut held = Vec::new();
     for _ in 0..2 {
-        let mut stream = TcpStream::connect(app.addr).await.unwrap();
-        stream.write_all(request.as_bytes()).await.unwrap();
-        let mut first = [0u8; 12];
-        stream.read_exact(&mut first).await.unwrap();
-        assert_eq!(&first, b"HTTP/1.1 200");
+        let (stream, first) = send(&app, request).await;
+        assert_eq!(first.as_ref(), Some(b"HTTP/1.1 200"));
         held.push(stream);
     }
     // Both slots are taken by kept-alive connections: a third is closed, not queued.
@@ -100,10 +107,7 @@ async fn connections_over_the_cap_are_closed_at_once() {
     held.pop();
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        let mut stream = TcpStream::connect(app.addr).await.unwrap();
-        stream.write_all(request.as_bytes()).await.unwrap();
-        let mut first = [0u8; 12];
-        if stream.read_exact(&mut first).await.is_ok() {
+        if let (_, Some(first)) = send(&app, request).await {
             assert_eq!(&first, b"HTTP/1.1 200");
             break;
         }
@@ -119,14 +123,8 @@ async fn an_idle_kept_alive_connection_is_closed_after_the_header_timeout() {
         &[("HEADER_READ_TIMEOUT_MS", "300")],
     )
     .await;
-    let mut stream = TcpStream::connect(app.addr).await.unwrap();
-    stream
-        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
-        .await
-        .unwrap();
-    let mut first = [0u8; 12];
-    stream.read_exact(&mut first).await.unwrap();
-    assert_eq!(&first, b"HTTP/1.1 200");
+    let (mut stream, first) = send(&app, "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert_eq!(first.as_ref(), Some(b"HTTP/1.1 200"));
     // Kept alive, then silent: the wait for the next request head is bounded too.
     let (_, took) = until_closed(&mut stream, Duration::from_secs(5)).await;
     assert!(took < Duration::from_secs(3), "{took:?}");
