@@ -1,8 +1,8 @@
 //! The raw-SQL ceilings, measured with pgbench in the same run as the API:
 //! - the minimal order write (`bench/ceiling/`, a copy of the shared reference: tables shaped
 //!   like the original's and one plpgsql call with only the essential writes, none of our code);
-//! - our own order call: the handler's statement (`place_order_lean`), sent with `-M extended`
-//!   as `query_typed` does.
+//! - our own order call: the handler's statements (`place_order_one` for one line,
+//!   `place_order_lean` for more), sent with `-M extended` as `query_typed` does.
 //!
 //! A ceiling is the best tps over 4, 8, 16 and 32 clients. pgbench connects over TCP to the same
 //! server as the API's pool, without TLS as the pool does (libpq would otherwise negotiate TLS,
@@ -109,15 +109,22 @@ pub fn minimal_schema() -> String {
         .expect("bench/ceiling/minimal-ceiling.sql")
 }
 
-/// The handler's statement (create-order's unkeyed `PLACE_ORDER_SQL`, sent with the extended protocol),
-/// with its three parameters written as literals and its arrays built from pgbench variables:
-/// pgbench has no array variables, so this is as close as it can send.
+/// The handler's statements for an unkeyed order, sent as it sends them: a one-line order is
+/// create-order's `PLACE_ONE_SQL`, a longer one its `PLACE_ORDER_SQL`, their parameters written
+/// as literals (user 1) and arrays built from pgbench variables (pgbench has no array variables).
 pub fn own_hot(product: i64) -> String {
-    own(&format!("ARRAY[{product}]::bigint[]"), "ARRAY[1]::int[]")
+    one(&product.to_string())
 }
 
-/// create-order's statement, its parameters written out: user 1, then the two arrays.
-fn own(product_ids: &str, quantities: &str) -> String {
+fn one(product_id: &str) -> String {
+    let sql = create_order::PLACE_ONE_SQL
+        .replace("$1", "1")
+        .replace("$2", product_id)
+        .replace("$3", "1");
+    format!("{sql};\n")
+}
+
+fn lean(product_ids: &str, quantities: &str) -> String {
     let sql = create_order::PLACE_ORDER_SQL
         .replace("$1", "1")
         .replace("$2", product_ids)
@@ -125,10 +132,12 @@ fn own(product_ids: &str, quantities: &str) -> String {
     format!("{sql};\n")
 }
 
+/// 1-3 random lines, as the spread load sends; the handler sends one line to `place_order_one`.
 pub fn own_spread(first: i64, last: i64) -> String {
     format!(
-        "\\set n random(1, 3)\n\\set a random({first}, {last})\n\\set b random({first}, {last})\n\\set c random({first}, {last})\n{}",
-        own(
+        "\\set n random(1, 3)\n\\set a random({first}, {last})\n\\set b random({first}, {last})\n\\set c random({first}, {last})\n\\if :n = 1\n{}\\else\n{}\\endif\n",
+        one(":a"),
+        lean(
             "(ARRAY[:a, :b, :c]::bigint[])[1:(:n)]",
             "(ARRAY[1, 1, 1]::int[])[1:(:n)]"
         )
@@ -136,10 +145,7 @@ pub fn own_spread(first: i64, last: i64) -> String {
 }
 
 pub fn own_spread1(first: i64, last: i64) -> String {
-    format!(
-        "\\set a random({first}, {last})\n{}",
-        own("ARRAY[:a]::bigint[]", "ARRAY[1]::int[]")
-    )
+    format!("\\set a random({first}, {last})\n{}", one(":a"))
 }
 
 #[cfg(test)]
@@ -151,12 +157,16 @@ mod tests {
         let hot = own_hot(4);
         assert_eq!(
             hot,
-            "SELECT outcome, order_id, created_at, total_cents, product_ids, quantities, \
-             unit_prices, details FROM place_order_lean(1, ARRAY[4]::bigint[], ARRAY[1]::int[]);\n"
+            "SELECT order_id, created_at, total_cents, unit_price_cents, \
+             stock_shards FROM place_order_one(1, 4, 1);\n"
         );
         for script in [own_spread(5, 1004), own_spread1(5, 1004)] {
             assert!(!script.contains('$'), "{script}");
-            assert!(script.contains("FROM place_order_lean(1, "), "{script}");
+            assert!(
+                script.contains("FROM place_order_one(1, :a, 1)"),
+                "{script}"
+            );
         }
+        assert!(own_spread(5, 1004).contains("FROM place_order_lean(1, "));
     }
 }

@@ -445,9 +445,22 @@ async fn metrics_count_requests_orders_and_rejections_exactly() {
         sample(
             &text,
             "tally_db_statement_duration_seconds_count",
-            &["statement=\"place_order\""]
+            &["statement=\"place_order_one\""]
         ),
         Some(5.0)
+    );
+    // The two refused one-line orders were handed back to place_order_lean for their 409.
+    assert_eq!(
+        sample(
+            &text,
+            "tally_db_statement_duration_seconds_count",
+            &["statement=\"place_order\""]
+        ),
+        Some(2.0)
+    );
+    assert_eq!(
+        sample(&text, "tally_orders_handed_back_total", &[]),
+        Some(2.0)
     );
     assert!(
         sample(&text, "tally_db_pool_connections", &["state=\"idle\""]).is_some_and(|n| n >= 1.0)

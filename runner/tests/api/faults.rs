@@ -130,12 +130,12 @@ async fn sigterm_lets_in_flight_requests_finish_then_exits_0() {
             tokio::spawn(async move { app.order(1, &[(1, 1)]).await.status.as_u16() })
         })
         .collect();
-    // Four (the pool) wait on the lock, the rest wait for a connection.
+    // Two (create-order's turn per product) wait on the lock, the rest wait in its gate.
     let deadline = Instant::now() + Duration::from_secs(10);
     while app
         .count("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'")
         .await
-        < 4
+        < 2
     {
         assert!(Instant::now() < deadline, "orders never reached the lock");
         tokio::time::sleep(Duration::from_millis(20)).await;

@@ -554,6 +554,16 @@ impl TestApp {
             wrong, 0,
             "orders whose stock return does not match their status"
         );
+        // V7 dropped the product keys on items and ledger rows; the functions keep them whole.
+        let orphans = self
+            .count(
+                "SELECT (SELECT count(*) FROM order_items i \
+                         WHERE NOT EXISTS (SELECT FROM products p WHERE p.id = i.product_id)) \
+                      + (SELECT count(*) FROM inventory_movements m \
+                         WHERE NOT EXISTS (SELECT FROM products p WHERE p.id = m.product_id))",
+            )
+            .await;
+        assert_eq!(orphans, 0, "item or ledger rows naming no product");
         let rows = self
             .db
             .query(

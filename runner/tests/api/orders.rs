@@ -148,4 +148,39 @@ async fn the_201_body_is_byte_for_byte_the_same_whether_built_in_rust_or_in_sql(
         normalise(&plain),
         r#"{"order_id":N,"status":"PENDING","user_id":1,"total_cents":10997,"items":[{"product_id":1,"quantity":2,"unit_price_cents":4999},{"product_id":3,"quantity":1,"unit_price_cents":999}],"created_at":"T"}"#
     );
+    // One line: place_order_one's columns, on an unsharded and a sharded product.
+    for (product, key) in [(1, "same-shape-2"), (2, "same-shape-3")] {
+        if product == 2 {
+            assert_eq!(app.set_shards(2, 4).await.status, 200);
+        }
+        let plain = app.order(1, &[(product, 1)]).await;
+        let keyed = app.order_keyed(1, &[(product, 1)], key).await;
+        assert_eq!((plain.status.as_u16(), keyed.status.as_u16()), (201, 201));
+        assert_eq!(normalise(&plain), normalise(&keyed));
+        assert!(normalise(&plain).contains(&format!(
+            r#""items":[{{"product_id":{product},"quantity":1,"#
+        )));
+    }
+    app.assert_books_balance().await;
+}
+
+#[tokio::test]
+async fn a_product_is_never_deleted_so_no_order_loses_its_product() {
+    let app = TestApp::spawn().await;
+    assert_eq!(app.order(1, &[(1, 1)]).await.status, 201);
+    for statement in [
+        "DELETE FROM products WHERE id = 1",
+        "TRUNCATE products CASCADE",
+    ] {
+        let err = app.db.batch_execute(statement).await.unwrap_err();
+        assert!(
+            err.as_db_error()
+                .unwrap()
+                .message()
+                .contains("never deleted"),
+            "{statement}: {err}"
+        );
+    }
+    assert_eq!(app.count("SELECT count(*) FROM products").await, 3);
+    app.assert_books_balance().await;
 }
