@@ -1,16 +1,22 @@
 //! The load generator: N keep-alive HTTP/1.1 connections, each sending its next request as
 //! soon as the last is answered, for a fixed time. Latencies are kept whole (microseconds)
 //! so the percentiles are exact.
+//!
+//! It runs on the same two cores as the API and PostgreSQL, so its own CPU is taken from
+//! them; pgbench's C client, in the ceilings, costs almost nothing. So each connection is one
+//! task that writes the request's bytes and parses the answer with `httparse`, no more: a
+//! hyper client spent two tasks and a channel hand-off per request.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use bytes::{Buf, Bytes, BytesMut};
 use http::Request;
 use http_body_util::{BodyExt, Full};
-use hyper_util::rt::TokioIo;
 use serde::Serialize;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 
 /// Makes request number `i` of connection `c`.
 pub type MakeRequest = std::sync::Arc<dyn Fn(usize, u64) -> Request<Full<Bytes>> + Send + Sync>;
@@ -87,15 +93,9 @@ pub async fn run(
         tasks.push(tokio::spawn(async move {
             let mut latencies = Vec::with_capacity(16 * 1024);
             let mut statuses: BTreeMap<u16, u64> = BTreeMap::new();
-            let stream = tokio::net::TcpStream::connect(addr)
-                .await
-                .expect("connect to the API");
+            let mut stream = TcpStream::connect(addr).await.expect("connect to the API");
             stream.set_nodelay(true).ok();
-            let (mut sender, connection) =
-                hyper::client::conn::http1::handshake(TokioIo::new(stream))
-                    .await
-                    .expect("HTTP handshake");
-            tokio::spawn(connection);
+            let mut buffer = BytesMut::with_capacity(16 * 1024);
             // A per-connection xorshift seed: request bodies differ but runs repeat.
             let mut seed =
                 0x9E37_79B9_7F4A_7C15u64 ^ (c as u64 + 1).wrapping_mul(0xBF58_476D_1CE4_E5B9);
@@ -103,16 +103,11 @@ pub async fn run(
                 seed ^= seed << 13;
                 seed ^= seed >> 7;
                 seed ^= seed << 17;
-                let request = make(c, seed);
+                let request = encode(make(c, seed)).await;
                 let sent = Instant::now();
-                let status = match sender.send_request(request).await {
-                    Ok(response) => {
-                        let status = response.status().as_u16();
-                        let _ = response.into_body().collect().await;
-                        status
-                    }
-                    Err(_) => 599,
-                };
+                let status = exchange(&mut stream, &request, &mut buffer)
+                    .await
+                    .unwrap_or(599);
                 latencies.push(sent.elapsed().as_micros() as u32);
                 *statuses.entry(status).or_default() += 1;
                 if status == 599 {
@@ -150,5 +145,50 @@ pub async fn run(
         max_ms: latencies.last().map_or(0.0, |m| f64::from(*m) / 1000.0),
         statuses,
         warmup_unexpected: 0,
+    }
+}
+
+/// The request as HTTP/1.1 bytes, with its body's length.
+async fn encode(request: Request<Full<Bytes>>) -> Vec<u8> {
+    let (parts, body) = request.into_parts();
+    let body = body.collect().await.expect("a full body").to_bytes();
+    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    let mut out = format!("{} {path} HTTP/1.1\r\nhost: bench\r\n", parts.method).into_bytes();
+    for (name, value) in &parts.headers {
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(format!("content-length: {}\r\n\r\n", body.len()).as_bytes());
+    out.extend_from_slice(&body);
+    out
+}
+
+/// Sends one request and reads its whole answer (a `content-length` body; the API sends no
+/// other kind). None when the connection fails or the answer cannot be parsed.
+async fn exchange(stream: &mut TcpStream, request: &[u8], buffer: &mut BytesMut) -> Option<u16> {
+    stream.write_all(request).await.ok()?;
+    loop {
+        let mut headers = [httparse::EMPTY_HEADER; 32];
+        let mut response = httparse::Response::new(&mut headers);
+        if let httparse::Status::Complete(head) = response.parse(buffer).ok()? {
+            let status = response.code?;
+            let length: usize = response
+                .headers
+                .iter()
+                .find(|h| h.name.eq_ignore_ascii_case("content-length"))
+                .and_then(|h| std::str::from_utf8(h.value).ok()?.parse().ok())?;
+            while buffer.len() < head + length {
+                if stream.read_buf(buffer).await.ok()? == 0 {
+                    return None;
+                }
+            }
+            buffer.advance(head + length);
+            return Some(status);
+        }
+        if stream.read_buf(buffer).await.ok()? == 0 {
+            return None;
+        }
     }
 }

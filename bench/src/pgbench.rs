@@ -132,15 +132,18 @@ fn lean(product_ids: &str, quantities: &str) -> String {
     format!("{sql};\n")
 }
 
-/// 1-3 random lines, as the spread load sends; the handler sends one line to `place_order_one`.
+/// 1-3 random lines, as the spread load sends them, and as the handler passes them on: one line
+/// to `place_order_one`, more to `place_order_lean` in ascending product id order.
 pub fn own_spread(first: i64, last: i64) -> String {
     format!(
-        "\\set n random(1, 3)\n\\set a random({first}, {last})\n\\set b random({first}, {last})\n\\set c random({first}, {last})\n\\if :n = 1\n{}\\else\n{}\\endif\n",
+        "\\set n random(1, 3)\n\\set a random({first}, {last})\n\\set b random({first}, {last})\n\\set c random({first}, {last})\n\
+         \\if :n = 1\n{}\
+         \\elif :n = 2\n\\set lo least(:a, :b)\n\\set hi greatest(:a, :b)\n{}\
+         \\else\n\\set lo least(:a, :b, :c)\n\\set hi greatest(:a, :b, :c)\n\\set mid :a + :b + :c - :lo - :hi\n{}\
+         \\endif\n",
         one(":a"),
-        lean(
-            "(ARRAY[:a, :b, :c]::bigint[])[1:(:n)]",
-            "(ARRAY[1, 1, 1]::int[])[1:(:n)]"
-        )
+        lean("ARRAY[:lo, :hi]::bigint[]", "ARRAY[1, 1]::int[]"),
+        lean("ARRAY[:lo, :mid, :hi]::bigint[]", "ARRAY[1, 1, 1]::int[]"),
     )
 }
 

@@ -3,19 +3,17 @@
 //! run side by side during a rollout and after a rollback, so a migration that drops or
 //! reshapes what the release calls would turn their requests into 500s.
 //!
-//! The fixture (`tests/fixtures/release-statements.json`) is copied from the release's code.
-//! `SCHEMA_COMPAT_RECORD=1` rewrites its expected columns from a database migrated only as far
-//! as the release's migrations (`"schema_version"`), so recording never reads the new schema.
+//! Each fixture (`tests/fixtures/releases/<commit>.json`) is copied from a release's code: the
+//! last release, and the one before it while nothing has been contracted that it called.
+//! `SCHEMA_COMPAT_RECORD=1` rewrites their expected columns from a database migrated only as far
+//! as each release's migrations (`"schema_version"`), so recording never reads the new schema.
 
 use serde::{Deserialize, Serialize};
 use tokio_postgres::types::{ToSql, Type};
 
 use crate::helpers::{admin_url, fresh_database_at};
 
-const FIXTURE: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/tests/fixtures/release-statements.json"
-);
+const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/releases");
 
 #[derive(Deserialize, Serialize)]
 struct Fixture {
@@ -55,6 +53,7 @@ fn param(type_name: &str, value: &serde_json::Value) -> (Box<dyn ToSql + Sync + 
         "int4" => (Box::new(value.as_i64().map(|v| v as i32)), Type::INT4),
         "float8" => (Box::new(value.as_f64()), Type::FLOAT8),
         "text" => (Box::new(value.as_str().map(str::to_owned)), Type::TEXT),
+        "bool" => (Box::new(value.as_bool()), Type::BOOL),
         "_int8" => (Box::new(list(value)), Type::INT8_ARRAY),
         "_int4" => (
             Box::new(
@@ -135,8 +134,27 @@ fn db_error(e: &tokio_postgres::Error) -> String {
     )
 }
 
-fn fixture() -> Fixture {
-    serde_json::from_str(&std::fs::read_to_string(FIXTURE).unwrap()).unwrap()
+/// Every release fixture, oldest first by schema version, with its path.
+fn fixtures() -> Vec<(std::path::PathBuf, Fixture)> {
+    let mut all: Vec<_> = std::fs::read_dir(FIXTURES)
+        .unwrap()
+        .map(|entry| {
+            let path = entry.unwrap().path();
+            let fixture = serde_json::from_str(&std::fs::read_to_string(&path).unwrap())
+                .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            (path, fixture)
+        })
+        .collect();
+    all.sort_by_key(|(_, f): &(_, Fixture)| f.schema_version);
+    all
+}
+
+fn fixture(release: &str) -> Fixture {
+    fixtures()
+        .into_iter()
+        .map(|(_, f)| f)
+        .find(|f| f.release == release)
+        .unwrap_or_else(|| panic!("no fixture for release {release}"))
 }
 
 /// The whole check against one database: every statement runs, takes the branch the release
@@ -156,32 +174,36 @@ async fn check(db_url: &str, fixture: &Fixture) -> Result<(), String> {
 
 #[tokio::test]
 async fn the_last_releases_statements_run_unchanged_against_the_newest_schema() {
-    let mut fixture = fixture();
-    if std::env::var_os("SCHEMA_COMPAT_RECORD").is_some() {
-        let old = fresh_database_at(admin_url(), Some(fixture.schema_version)).await;
-        let columns = run_all(&old, &fixture.statements)
-            .await
-            .expect("the release's statements run against the release's own schema");
-        for (s, c) in fixture.statements.iter_mut().zip(columns) {
-            s.columns = c;
+    let all = fixtures();
+    assert!(all.len() >= 2, "the fixtures of the last two releases");
+    for (path, mut fixture) in all {
+        if std::env::var_os("SCHEMA_COMPAT_RECORD").is_some() {
+            let old = fresh_database_at(admin_url(), Some(fixture.schema_version)).await;
+            let columns = run_all(&old, &fixture.statements)
+                .await
+                .expect("the release's statements run against the release's own schema");
+            for (s, c) in fixture.statements.iter_mut().zip(columns) {
+                s.columns = c;
+            }
+            let text = serde_json::to_string_pretty(&fixture).unwrap();
+            std::fs::write(&path, text + "\n").unwrap();
         }
-        let text = serde_json::to_string_pretty(&fixture).unwrap();
-        std::fs::write(FIXTURE, text + "\n").unwrap();
-    }
-    assert!(
-        fixture.statements.len() >= 19,
-        "the fixture lost statements"
-    );
-    let newest = fresh_database_at(admin_url(), None).await;
-    if let Err(e) = check(&newest, &fixture).await {
-        panic!("release {}: {e}", fixture.release);
+        assert!(
+            fixture.statements.len() >= 19,
+            "{}: the fixture lost statements",
+            path.display()
+        );
+        let newest = fresh_database_at(admin_url(), None).await;
+        if let Err(e) = check(&newest, &fixture).await {
+            panic!("release {}: {e}", fixture.release);
+        }
     }
 }
 
 /// The guard bites: each of these changes would break the release, and each is caught.
 #[tokio::test]
 async fn the_guard_fails_on_a_dropped_function_a_changed_type_or_a_broken_body() {
-    let fixture = fixture();
+    let fixture = fixture("f98f8af");
     for (change, expected) in [
         // What V3 once did to the release before it.
         (
