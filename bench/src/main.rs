@@ -31,7 +31,7 @@ use serde::Serialize;
 use serde_json::json;
 use tally_shared::auth::{self, Role};
 use tally_shared::{Config, migrate};
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 
 use crate::load::{LoadResult, MakeRequest};
 use crate::pgbench::{Ceiling, Script};
@@ -226,7 +226,7 @@ async fn create_database(server: &str, prefix: &str) -> String {
         .batch_execute(&format!("CREATE DATABASE {name}"))
         .await
         .unwrap();
-    with_database(server, &name)
+    tally_shared::pg::with_database(server, &name)
 }
 
 /// The database under test: migrated, the demo seed, one hot product, one hot product spread
@@ -279,17 +279,10 @@ async fn prepare_minimal(server: &str) -> String {
     url
 }
 
-fn with_database(server: &str, db: &str) -> String {
-    let (base, _) = server.rsplit_once('/').expect("a URL with a database");
-    format!("{base}/{db}")
-}
-
 async fn connect(url: &str) -> Client {
-    let (client, conn) = tokio_postgres::connect(url, NoTls)
+    tally_shared::pg::connect(url)
         .await
-        .expect("connect to PostgreSQL");
-    tokio::spawn(conn);
-    client
+        .expect("connect to PostgreSQL")
 }
 
 /// The books after the run: stock never negative, the ledger equals the stock, and the

@@ -10,7 +10,7 @@ use std::time::Duration;
 use tally_shared::auth::{self, Role};
 use tally_shared::config::Secret;
 use tally_shared::devdb::PrivatePostgres;
-use tally_shared::{AppState, Config, Route, Router, db, migrate, runtime};
+use tally_shared::{AppState, Config, Route, Router, app, db, migrate, runtime};
 
 /// Every function that serves the public API, by name (its crate, image and Knative Service).
 pub fn functions() -> Vec<(&'static str, Vec<Route>)> {
@@ -93,7 +93,7 @@ fn random_secret() -> std::io::Result<String> {
     use std::io::Read;
     let mut bytes = [0u8; 32];
     std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
-    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+    Ok(tally_shared::encode::hex(&bytes))
 }
 
 /// Where the private cluster keeps its data unless `TALLY_DATA_DIR` says otherwise: inside the
@@ -109,7 +109,7 @@ const PRIVATE_DB: &str = "tally";
 
 /// Runs the whole API until SIGTERM or Ctrl-C.
 pub fn run() -> ExitCode {
-    let (mut config, runtime) = match runtime::start("tally", runtime::Logs::Stdout) {
+    let (mut config, runtime) = match app::start("tally", app::Logs::Stdout) {
         Ok(started) => started,
         Err(code) => return code,
     };
@@ -260,11 +260,14 @@ async fn serve(config: Config) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    eprintln!("tally: API on http://{addr}  (database {})", redact(&url));
+    eprintln!(
+        "tally: API on http://{addr}  (database {})",
+        tally_shared::pg::redact(&url)
+    );
     for line in demo_tokens {
         eprintln!("{line}");
     }
-    runtime::serve(listener, router(), state, runtime::shutdown_signal()).await;
+    runtime::serve(listener, router(), state, app::shutdown_signal()).await;
     if let Some(worker) = worker {
         worker.abort();
     }
@@ -292,7 +295,7 @@ async fn prepare_database(url: &str) -> Result<(), ExitCode> {
             Err(migrate::MigrateError::Connect(e)) => {
                 eprintln!(
                     "tally: waiting for PostgreSQL at {} ({e}); retrying in {} ms",
-                    redact(url),
+                    tally_shared::pg::redact(url),
                     wait.as_millis()
                 );
                 tokio::time::sleep(wait).await;
@@ -303,19 +306,5 @@ async fn prepare_database(url: &str) -> Result<(), ExitCode> {
                 return Err(ExitCode::FAILURE);
             }
         }
-    }
-}
-
-/// The URL without its password, for printing.
-fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            let creds = &url[scheme + 3..at];
-            match creds.split_once(':') {
-                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
-                None => url.to_owned(),
-            }
-        }
-        _ => url.to_owned(),
     }
 }

@@ -11,9 +11,9 @@ use http::HeaderMap;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 
-use crate::config::{Config, ConfigError};
+use crate::config::{Config, ConfigError, KeyConfig};
 use crate::error::ApiError;
-use crate::router::Request;
+use crate::http::{Request, parse_id};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -84,76 +84,6 @@ enum Audience {
     Many(Vec<String>),
 }
 
-/// The verification key material, as configured.
-pub enum KeyConfig {
-    Hs256(Vec<u8>),
-    Pem { algorithm: Algorithm, pem: String },
-}
-
-/// HMAC secrets shorter than this are refused: they can be brute-forced from one token.
-const MIN_SECRET_BYTES: usize = 32;
-
-impl KeyConfig {
-    /// The configured key, None when no key is set, or an error naming the variable at fault.
-    pub fn from_config(config: &Config) -> Result<Option<Self>, ConfigError> {
-        let algorithm = config.jwt_algorithm.as_deref().map(str::to_ascii_uppercase);
-        match (&config.jwt_hs256_secret, &config.jwt_public_key_pem) {
-            (Some(_), Some(_)) => Err(ConfigError::new(
-                "set JWT_HS256_SECRET or JWT_PUBLIC_KEY_PEM, not both",
-            )),
-            (Some(secret), None) => {
-                if algorithm.as_deref().is_some_and(|a| a != "HS256") {
-                    return Err(ConfigError::new(
-                        "JWT_ALGORITHM must be HS256 with JWT_HS256_SECRET",
-                    ));
-                }
-                if secret.0.len() < MIN_SECRET_BYTES {
-                    return Err(ConfigError::new(format!(
-                        "JWT_HS256_SECRET must be at least {MIN_SECRET_BYTES} bytes"
-                    )));
-                }
-                Ok(Some(Self::Hs256(secret.0.as_bytes().to_vec())))
-            }
-            (None, Some(pem)) => {
-                let algorithm = match algorithm.as_deref().unwrap_or("RS256") {
-                    "RS256" => Algorithm::RS256,
-                    "ES256" => Algorithm::ES256,
-                    other => {
-                        return Err(ConfigError::new(format!(
-                            "JWT_ALGORITHM={other:?}: with a public key use RS256 or ES256"
-                        )));
-                    }
-                };
-                let key = Self::Pem {
-                    algorithm,
-                    pem: pem.replace("\\n", "\n"),
-                };
-                key.decoding_key()?;
-                Ok(Some(key))
-            }
-            (None, None) => Ok(None),
-        }
-    }
-
-    fn algorithm(&self) -> Algorithm {
-        match self {
-            Self::Hs256(_) => Algorithm::HS256,
-            Self::Pem { algorithm, .. } => *algorithm,
-        }
-    }
-
-    fn decoding_key(&self) -> Result<DecodingKey, ConfigError> {
-        match self {
-            Self::Hs256(secret) => Ok(DecodingKey::from_secret(secret)),
-            Self::Pem { algorithm, pem } => match algorithm {
-                Algorithm::ES256 => DecodingKey::from_ec_pem(pem.as_bytes()),
-                _ => DecodingKey::from_rsa_pem(pem.as_bytes()),
-            }
-            .map_err(|e| ConfigError::new(format!("JWT_PUBLIC_KEY_PEM is not a usable key: {e}"))),
-        }
-    }
-}
-
 const CE_AUTHORIZATION: &str = "ce-authorization";
 
 /// Verifies bearer tokens. Built once at start.
@@ -215,7 +145,7 @@ impl Verifier {
                 tracing::debug!(reason = ?e.kind(), "token refused");
                 ApiError::Unauthorized
             })?;
-        let user_id = crate::http::parse_id(&data.claims.sub).ok_or(ApiError::Unauthorized)?;
+        let user_id = parse_id(&data.claims.sub).ok_or(ApiError::Unauthorized)?;
         Ok(Principal {
             user_id,
             role: data.claims.role,

@@ -3,7 +3,14 @@
 use std::net::IpAddr;
 use std::time::Duration;
 
+use jsonwebtoken::{Algorithm, DecodingKey};
 use serde::Deserialize;
+
+/// Whether this process was started by the Lambda service (or something speaking its
+/// Runtime API).
+pub fn on_lambda() -> bool {
+    std::env::var_os("AWS_LAMBDA_RUNTIME_API").is_some()
+}
 
 /// Everything a function reads from its environment. Variable names are the field names in
 /// upper case (`DATABASE_URL`, `PORT`, `POOL_SIZE`, ...).
@@ -158,7 +165,7 @@ impl Config {
                 self.log_level
             )));
         }
-        crate::auth::KeyConfig::from_config(&self)?;
+        KeyConfig::from_config(&self)?;
         if let Some(url) = &self.database_url {
             url.parse::<tokio_postgres::Config>()
                 .map_err(|_| ConfigError("DATABASE_URL is not a valid PostgreSQL URL".into()))?;
@@ -202,6 +209,76 @@ fn describe(e: envy::Error) -> String {
                 Some((head, field)) => format!("{head} by {}", field.to_uppercase()),
                 None => msg,
             }
+        }
+    }
+}
+
+/// The verification key material, as configured.
+pub enum KeyConfig {
+    Hs256(Vec<u8>),
+    Pem { algorithm: Algorithm, pem: String },
+}
+
+/// HMAC secrets shorter than this are refused: they can be brute-forced from one token.
+const MIN_SECRET_BYTES: usize = 32;
+
+impl KeyConfig {
+    /// The configured key, None when no key is set, or an error naming the variable at fault.
+    pub fn from_config(config: &Config) -> Result<Option<Self>, ConfigError> {
+        let algorithm = config.jwt_algorithm.as_deref().map(str::to_ascii_uppercase);
+        match (&config.jwt_hs256_secret, &config.jwt_public_key_pem) {
+            (Some(_), Some(_)) => Err(ConfigError::new(
+                "set JWT_HS256_SECRET or JWT_PUBLIC_KEY_PEM, not both",
+            )),
+            (Some(secret), None) => {
+                if algorithm.as_deref().is_some_and(|a| a != "HS256") {
+                    return Err(ConfigError::new(
+                        "JWT_ALGORITHM must be HS256 with JWT_HS256_SECRET",
+                    ));
+                }
+                if secret.0.len() < MIN_SECRET_BYTES {
+                    return Err(ConfigError::new(format!(
+                        "JWT_HS256_SECRET must be at least {MIN_SECRET_BYTES} bytes"
+                    )));
+                }
+                Ok(Some(Self::Hs256(secret.0.as_bytes().to_vec())))
+            }
+            (None, Some(pem)) => {
+                let algorithm = match algorithm.as_deref().unwrap_or("RS256") {
+                    "RS256" => Algorithm::RS256,
+                    "ES256" => Algorithm::ES256,
+                    other => {
+                        return Err(ConfigError::new(format!(
+                            "JWT_ALGORITHM={other:?}: with a public key use RS256 or ES256"
+                        )));
+                    }
+                };
+                let key = Self::Pem {
+                    algorithm,
+                    pem: pem.replace("\\n", "\n"),
+                };
+                key.decoding_key()?;
+                Ok(Some(key))
+            }
+            (None, None) => Ok(None),
+        }
+    }
+
+    pub(crate) fn algorithm(&self) -> Algorithm {
+        match self {
+            Self::Hs256(_) => Algorithm::HS256,
+            Self::Pem { algorithm, .. } => *algorithm,
+        }
+    }
+
+    pub(crate) fn decoding_key(&self) -> Result<DecodingKey, ConfigError> {
+        match self {
+            Self::Hs256(secret) => Ok(DecodingKey::from_secret(secret)),
+            Self::Pem { algorithm, pem } => match algorithm {
+                Algorithm::ES256 => DecodingKey::from_ec_pem(pem.as_bytes()),
+                _ => DecodingKey::from_rsa_pem(pem.as_bytes()),
+            }
+            .map_err(|e| ConfigError::new(format!("JWT_PUBLIC_KEY_PEM is not a usable key: {e}"))),
         }
     }
 }

@@ -34,7 +34,7 @@ impl PrivatePostgres {
     /// Prepares (initdb if needed) but does not start a cluster. `extra_options` are passed to
     /// the server, e.g. `-c fsync=off` for throwaway test clusters.
     pub fn new(datadir: &Path, port: u16, extra_options: &str) -> Result<Self, DevDbError> {
-        let bindir = find_bindir().ok_or(DevDbError::NoServerBinaries)?;
+        let bindir = crate::pg::find_bindir().ok_or(DevDbError::NoServerBinaries)?;
         std::fs::create_dir_all(datadir)?;
         let datadir = datadir.canonicalize()?;
         let run_as = if is_root() {
@@ -177,32 +177,6 @@ impl PrivatePostgres {
             })
         }
     }
-}
-
-/// The newest server binaries on the machine: `$PG_BINDIR`, then `pg_config --bindir`, then
-/// Debian's `/usr/lib/postgresql/<major>/bin`.
-pub fn find_bindir() -> Option<PathBuf> {
-    let has_server = |dir: &Path| dir.join("initdb").is_file() && dir.join("pg_ctl").is_file();
-    if let Some(dir) = std::env::var_os("PG_BINDIR").map(PathBuf::from) {
-        return has_server(&dir).then_some(dir);
-    }
-    if let Ok(out) = Command::new("pg_config").arg("--bindir").output() {
-        let dir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
-        if out.status.success() && has_server(&dir) {
-            return Some(dir);
-        }
-    }
-    let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
-        .ok()?
-        .filter_map(|e| e.ok())
-        .filter_map(|e| {
-            let major = e.file_name().to_str()?.parse::<u32>().ok()?;
-            let bin = e.path().join("bin");
-            has_server(&bin).then_some((major, bin))
-        })
-        .collect();
-    versions.sort();
-    versions.pop().map(|(_, dir)| dir)
 }
 
 /// Whether every directory above `path` lets other users through (o+x).

@@ -7,7 +7,27 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::error::ApiError;
-use crate::router::{PathParams, Request, Response};
+
+/// A request whose body has already been read (and capped) by the server.
+pub type Request = http::Request<Bytes>;
+pub type Response = http::Response<Bytes>;
+
+/// Placeholders captured from the path, put in the request's extensions for the handler.
+#[derive(Debug, Clone, Default)]
+pub struct PathParams(Vec<(&'static str, String)>);
+
+impl PathParams {
+    pub fn new(params: Vec<(&'static str, String)>) -> Self {
+        Self(params)
+    }
+
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.0
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
 
 /// Parses a JSON body into `T`, naming the offending field on a shape error.
 ///

@@ -13,15 +13,9 @@ use lambda_http::request::RequestContext;
 
 use crate::error::ApiError;
 use crate::router::{AppState, Router};
-use crate::runtime::{BODY_LIMIT, respond};
+use crate::service::{BODY_LIMIT, respond};
 
-/// Whether this process was started by the Lambda service (or something speaking its
-/// Runtime API).
-pub fn is_lambda() -> bool {
-    std::env::var_os("AWS_LAMBDA_RUNTIME_API").is_some()
-}
-
-/// Answers invocations until the runtime stops. Call only when [`is_lambda`].
+/// Answers invocations until the runtime stops. Call only when [`crate::config::on_lambda`].
 pub async fn serve(router: Router, state: AppState) -> Result<(), lambda_http::Error> {
     let router = Arc::new(router);
     lambda_http::run(lambda_http::service_fn(

@@ -1,32 +1,43 @@
 //! The runtime every Tally function shares, so that a function crate holds only its handler.
 //!
 //! # Layout
+//! Layers, top to bottom; a module uses only modules below it (`tests/layers.rs` checks that
+//! no import loop comes back):
+//! - [`app`]: assembles a process (settings, telemetry, runtime, pool, [`AppState`]) and runs a
+//!   transport or a worker until SIGTERM. Every function's `main` is one call to it.
+//! - [`runtime`] (hyper: connections, timeouts, the body cap, graceful shutdown) and [`lambda`]
+//!   (the same requests under AWS Lambda): the two transports, side by side.
+//! - [`service`]: one request end to end: request id, dispatch, the one error mapping, metrics
+//!   and the access log. A request enters here from either transport.
+//! - [`router`]: `(method, path pattern)` → handler, with 404/405, `/healthz`, `/metrics`, and
+//!   the [`AppState`] handlers get (the pool checkout, where SQL starts).
 //! - [`auth`]: bearer JWT verification and the [`auth::Principal`] a request acts as.
-//! - [`catalog`]: the product as the API shows it.
-//! - [`config`]: settings from the environment (`envy`), failing at start with one clear line.
-//! - [`db`]: the lazily connected Postgres pool (`bb8` + `tokio-postgres`).
-//! - [`error`]: [`ApiError`], the one error type, and its one mapping to `problem+json`.
-//! - [`http`]: request helpers (JSON bodies, path ids, query strings) and response builders.
-//! - [`router`]: `(method, path pattern)` → handler, with 404/405 and `/healthz`.
-//! - [`runtime`]: the hyper server: listener, body cap, request id, access log, graceful shutdown.
-//! - [`telemetry`]: JSON log lines on stdout.
-//! - [`lambda`]: the same router under AWS Lambda (`lambda_http`), chosen at start.
-//! - [`meters`]: Prometheus metrics, rendered at `/metrics`.
-//! - [`migrate`]: the embedded `sql/migrations` (refinery) and the demo seed.
-//! - [`devdb`]: a private PostgreSQL cluster for the local runner and the tests.
+//!   [`meters`]: Prometheus metrics.
+//! - [`http`]: the request and response types, and where a request is parsed (JSON bodies,
+//!   path ids, query strings) into 4xx on bad input. [`db`]: the lazily connected pool.
+//! - [`config`]: settings from the environment (`envy`) and the key material, failing at start
+//!   with one clear line. [`error`]: [`ApiError`] and its one mapping to `problem+json`.
+//! - Leaves: [`catalog`] (the product as the API shows it), [`telemetry`] (JSON log lines),
+//!   [`migrate`] (the embedded `sql/migrations` and the seed), [`pg`] (URLs, a connection,
+//!   the PostgreSQL binaries), [`encode`] (hex), [`devdb`] (a private PostgreSQL cluster for
+//!   the local runner and the tests).
 
+pub mod app;
 pub mod auth;
 pub mod catalog;
 pub mod config;
 pub mod db;
 pub mod devdb;
+pub mod encode;
 pub mod error;
 pub mod http;
 pub mod lambda;
 pub mod meters;
 pub mod migrate;
+pub mod pg;
 pub mod router;
 pub mod runtime;
+pub mod service;
 pub mod telemetry;
 
 pub use config::Config;

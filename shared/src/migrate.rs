@@ -1,6 +1,6 @@
 //! Schema migrations (`sql/migrations`, embedded and applied by refinery) and the demo seed.
 
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 
 mod embedded {
     refinery::embed_migrations!("../sql/migrations");
@@ -70,14 +70,9 @@ pub async fn migrate_with(
     target: Option<i32>,
     policy: LockPolicy,
 ) -> Result<(Client, Option<i32>), MigrateError> {
-    let (mut client, connection) = tokio_postgres::connect(database_url, NoTls)
+    let mut client = crate::pg::connect(database_url)
         .await
         .map_err(MigrateError::Connect)?;
-    tokio::spawn(async move {
-        if let Err(e) = connection.await {
-            tracing::warn!(error = %e, "migration connection ended");
-        }
-    });
     // The advisory lock first, without a timeout: a second migrator simply waits its turn.
     client
         .execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK])

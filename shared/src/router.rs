@@ -15,9 +15,8 @@ use crate::config::{Config, ConfigError};
 use crate::db::Pool;
 use crate::error::ApiError;
 
-/// A request whose body has already been read (and capped) by the runtime.
-pub type Request = http::Request<Bytes>;
-pub type Response = http::Response<Bytes>;
+pub use crate::http::{PathParams, Request, Response};
+
 pub type HandlerResult = Result<Response, ApiError>;
 pub type HandlerFuture = Pin<Box<dyn Future<Output = HandlerResult> + Send>>;
 pub type Handler = fn(Request, AppState) -> HandlerFuture;
@@ -99,20 +98,7 @@ impl Route {
                 None => return None,
             }
         }
-        got.next().is_none().then_some(PathParams(params))
-    }
-}
-
-/// Placeholders captured from the path, put in the request's extensions for the handler.
-#[derive(Debug, Clone, Default)]
-pub struct PathParams(Vec<(&'static str, String)>);
-
-impl PathParams {
-    pub fn get(&self, name: &str) -> Option<&str> {
-        self.0
-            .iter()
-            .find(|(n, _)| *n == name)
-            .map(|(_, v)| v.as_str())
+        got.next().is_none().then_some(PathParams::new(params))
     }
 }
 

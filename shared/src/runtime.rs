@@ -1,13 +1,9 @@
-//! The hyper server every function runs in: listener on `$HOST:$PORT`, body cap, request id,
-//! access log, and graceful shutdown on SIGTERM or Ctrl-C (the Knative runtime contract).
+//! The hyper transport: connections on a listener (protocol, header and body timeouts, a cap
+//! on connections), the body cap, and graceful shutdown (the Knative runtime contract). Each
+//! request then goes through [`crate::service::respond`].
 
 use std::convert::Infallible;
-use std::hash::{BuildHasher, RandomState};
-use std::net::SocketAddr;
-use std::process::ExitCode;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Instant;
 
 use bytes::Bytes;
 use http::{HeaderValue, header};
@@ -19,136 +15,10 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 
-use crate::config::Config;
-use crate::db;
 use crate::error::ApiError;
-use crate::router::{Access, AppState, Route, Router};
-use crate::{lambda, meters, telemetry};
-
-/// Bodies larger than this are refused with 413 before they are read into memory.
-pub const BODY_LIMIT: usize = 64 * 1024;
-
-const REQUEST_ID: &str = "x-request-id";
-
-/// The whole life of a deployed function: config, telemetry, lazy pool, serve until SIGTERM.
-/// Each function's `main` is one call to this.
-pub fn run(name: &'static str, routes: Vec<Route>) -> ExitCode {
-    run_worker(name, move |state| async move {
-        // There is no way to run a deployed function with authentication off.
-        if state.verifier.is_none() && routes.iter().any(|r| r.access == Access::Authenticated) {
-            eprintln!(
-                "{name}: configuration error: set JWT_HS256_SECRET or JWT_PUBLIC_KEY_PEM (this function's routes need a bearer token)"
-            );
-            return ExitCode::FAILURE;
-        }
-        // The adapter is chosen here, before lambda_http could panic for want of its variables.
-        if lambda::is_lambda() {
-            tracing::info!(function = name, "serving AWS Lambda invocations");
-            meters::install();
-            return match lambda::serve(Router::new().mount(routes), state).await {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    tracing::error!(function = name, error = %e, "the Lambda runtime stopped");
-                    ExitCode::FAILURE
-                }
-            };
-        }
-        let addr = SocketAddr::new(state.config.host, state.config.port);
-        let listener = match TcpListener::bind(addr).await {
-            Ok(listener) => listener,
-            Err(e) => {
-                eprintln!("{name}: cannot listen on {addr}: {e}");
-                return ExitCode::FAILURE;
-            }
-        };
-        tracing::info!(function = name, %addr, "listening");
-        serve(
-            listener,
-            Router::new().mount(routes),
-            state,
-            shutdown_signal(),
-        )
-        .await;
-        tracing::info!(function = name, "stopped");
-        ExitCode::SUCCESS
-    })
-}
-
-/// Like [`run`], for a process that does something other than serve HTTP (the order
-/// processor's loop): the same config, telemetry and pool, then `work` until it returns.
-pub fn run_worker<F, Fut>(name: &'static str, work: F) -> ExitCode
-where
-    F: FnOnce(AppState) -> Fut,
-    Fut: Future<Output = ExitCode>,
-{
-    let (config, runtime) = match start(name, Logs::Stdout) {
-        Ok(started) => started,
-        Err(code) => return code,
-    };
-    // bb8 starts its reaper task when the pool is built: that needs the runtime.
-    let _guard = runtime.enter();
-    let pool = match db::lazy_pool(&config, name) {
-        Ok(pool) => pool,
-        Err(e) => {
-            eprintln!("{name}: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let state = match AppState::new(pool, config) {
-        Ok(state) => state,
-        Err(e) => {
-            eprintln!("{name}: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    runtime.block_on(work(state))
-}
-
-/// Where a process's JSON log lines go.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Logs {
-    /// Servers and workers.
-    Stdout,
-    /// Commands whose stdout is their result.
-    Stderr,
-}
-
-/// What every process does first: settings from the environment, telemetry, the async
-/// runtime. Any failure is one line on stderr naming `name`, and the exit code to return.
-pub fn start(name: &str, logs: Logs) -> Result<(Config, tokio::runtime::Runtime), ExitCode> {
-    let config = Config::from_env().map_err(|e| {
-        eprintln!("{name}: {e}");
-        ExitCode::FAILURE
-    })?;
-    match logs {
-        Logs::Stdout => telemetry::init(&config.log_level),
-        Logs::Stderr => telemetry::init_stderr(&config.log_level),
-    }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| {
-            eprintln!("{name}: cannot start the async runtime: {e}");
-            ExitCode::FAILURE
-        })?;
-    Ok((config, runtime))
-}
-
-/// Resolves on SIGTERM (what Kubernetes sends) or Ctrl-C.
-pub async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("installing a SIGTERM handler cannot fail on Unix");
-        tokio::select! {
-            _ = ctrl_c => {},
-            _ = term.recv() => {},
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
-}
+use crate::meters;
+use crate::router::{AppState, Router};
+use crate::service::{BODY_LIMIT, respond};
 
 /// Serves `router` on `listener` until `shutdown` resolves, then stops accepting and waits
 /// (up to the configured grace) for in-flight requests to finish.
@@ -330,64 +200,6 @@ async fn answer(
     response.map(Full::new)
 }
 
-/// One request, start to finish, whichever adapter carried it (hyper here, or Lambda): request
-/// id, body, dispatch, the one error mapping, metrics and the access log.
-pub async fn respond(
-    parts: http::request::Parts,
-    body: impl Future<Output = Result<Bytes, ApiError>>,
-    router: &Router,
-    state: AppState,
-) -> crate::Response {
-    let started = Instant::now();
-    let request_id = parts
-        .headers
-        .get(REQUEST_ID)
-        .filter(|v| is_reasonable_id(v))
-        .cloned()
-        .unwrap_or_else(new_request_id);
-    let method = parts.method.clone();
-    let path = parts.uri.path().to_owned();
-    let trace_id = trace_id(&parts.headers).to_owned();
-
-    let (result, route) = match body.await {
-        Ok(bytes) => {
-            router
-                .dispatch(http::Request::from_parts(parts, bytes), state)
-                .await
-        }
-        Err(e) => (Err(e), "unmatched"),
-    };
-    let mut response = result.unwrap_or_else(|e| {
-        if let Some(cause) = e.internal_cause() {
-            tracing::error!(
-                request_id = request_id.to_str().unwrap_or(""),
-                trace_id,
-                error = e.code(),
-                cause,
-                "request failed"
-            );
-        }
-        e.into_response()
-    });
-    response
-        .headers_mut()
-        .insert(REQUEST_ID, request_id.clone());
-    let elapsed = started.elapsed();
-    let status = response.status().as_u16();
-    meters::record_request(route, method.as_str(), status, elapsed);
-    tracing::info!(
-        method = method.as_str(),
-        path,
-        route,
-        status,
-        latency_us = elapsed.as_micros() as u64,
-        request_id = request_id.to_str().unwrap_or(""),
-        trace_id,
-        "request"
-    );
-    response
-}
-
 /// Reads the body into memory, refusing more than [`BODY_LIMIT`] bytes: at once when the
 /// declared length says so, else as soon as the stream passes the limit.
 async fn read_body(declared: Option<u64>, body: Incoming) -> Result<Bytes, ApiError> {
@@ -405,40 +217,4 @@ async fn read_body(declared: Option<u64>, body: Incoming) -> Result<Bytes, ApiEr
             }
         })?
         .to_bytes())
-}
-
-/// The trace id of a W3C `traceparent` (`00-<32 hex trace id>-<16 hex span id>-<2 hex flags>`),
-/// as Knative's ingress and queue-proxy propagate it; empty when absent or malformed.
-fn trace_id(headers: &http::HeaderMap) -> &str {
-    let Some(value) = headers.get("traceparent").and_then(|v| v.to_str().ok()) else {
-        return "";
-    };
-    let mut parts = value.split('-');
-    match (parts.next(), parts.next(), parts.next(), parts.next()) {
-        (Some(version), Some(trace), Some(span), Some(_flags))
-            if version.len() == 2
-                && trace.len() == 32
-                && span.len() == 16
-                && trace.bytes().all(|b| b.is_ascii_hexdigit())
-                && trace != "00000000000000000000000000000000" =>
-        {
-            trace
-        }
-        _ => "",
-    }
-}
-
-/// A caller's id is kept if it is short visible ASCII, so it cannot smuggle anything into logs.
-fn is_reasonable_id(value: &HeaderValue) -> bool {
-    let bytes = value.as_bytes();
-    !bytes.is_empty() && bytes.len() <= 128 && bytes.iter().all(|b| b.is_ascii_graphic())
-}
-
-/// 16 hex digits, unique per process and unpredictable across processes; no syscall per call.
-fn new_request_id() -> HeaderValue {
-    static SEED: std::sync::OnceLock<RandomState> = std::sync::OnceLock::new();
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    let id = SEED.get_or_init(RandomState::new).hash_one(n);
-    HeaderValue::from_str(&format!("{id:016x}")).expect("hex is a valid header value")
 }

@@ -8,7 +8,7 @@ use std::time::{Instant, SystemTime};
 use object_store::{ObjectStore, WriteMultipart};
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncReadExt;
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 
 use crate::BackupError;
 use crate::pg::{PgTool, database_name, tool_command};
@@ -43,12 +43,7 @@ pub async fn backup(database_url: &str, config: &StoreConfig) -> Result<BackupRe
     // credentials are wrong.
     store::list_manifests(store.as_ref(), &config.backup_prefix, &database).await?;
 
-    let (client, connection) = tokio_postgres::connect(database_url, NoTls)
-        .await
-        .map_err(|e| BackupError::Database(format!("connecting: {e}")))?;
-    tokio::spawn(async move {
-        let _ = connection.await;
-    });
+    let client = crate::restore::connect(database_url).await?;
     let locked: bool = client
         .query_one("SELECT pg_try_advisory_lock($1)", &[&BACKUP_LOCK])
         .await
@@ -216,7 +211,7 @@ async fn dump_and_upload(
         database: database.to_owned(),
         dump_key: key.to_string(),
         size_bytes: size,
-        sha256: hex(&hash.finalize()),
+        sha256: tally_shared::encode::hex(&hash.finalize()),
         server_version,
         pg_dump_version: pg_dump.version,
         migration_version,
@@ -269,10 +264,6 @@ async fn migration_version(client: &Client) -> Result<Option<i32>, BackupError> 
         .await
         .map_err(db)?;
     Ok(row.get(0))
-}
-
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 pub fn db(e: tokio_postgres::Error) -> BackupError {

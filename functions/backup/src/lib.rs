@@ -23,7 +23,7 @@ use http::{Method, StatusCode};
 use metrics::gauge;
 use tally_shared::http::json_response;
 use tally_shared::router::HandlerResult;
-use tally_shared::{ApiError, AppState, Config, Request, Route, auth, runtime};
+use tally_shared::{ApiError, AppState, Config, Request, Route, app, auth};
 
 use crate::restore::Selector;
 use crate::store::StoreConfig;
@@ -103,9 +103,9 @@ const USAGE: &str = "usage:
 pub fn main(args: impl Iterator<Item = String>) -> ExitCode {
     let args: Vec<String> = args.collect();
     if args.is_empty() {
-        return runtime::run("backup", routes());
+        return app::run("backup", routes());
     }
-    let (config, runtime) = match runtime::start("backup", runtime::Logs::Stderr) {
+    let (config, runtime) = match app::start("backup", app::Logs::Stderr) {
         Ok(started) => started,
         Err(code) => return code,
     };

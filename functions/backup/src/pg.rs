@@ -20,7 +20,7 @@ impl PgTool {
     pub fn find(name: &str) -> Result<Self, BackupError> {
         let candidates = [
             std::env::var_os("PG_BINDIR").map(|d| PathBuf::from(d).join(name)),
-            tally_shared::devdb::find_bindir().map(|d| d.join(name)),
+            tally_shared::pg::find_bindir().map(|d| d.join(name)),
             Some(PathBuf::from(name)),
         ];
         for path in candidates.into_iter().flatten() {

@@ -12,12 +12,14 @@ use object_store::ObjectStore;
 use object_store::path::Path;
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 
 use crate::BackupError;
-use crate::dump::{count_rows, db, hex};
+use crate::dump::{count_rows, db};
 use crate::pg::{PgTool, database_name, tool_command};
 use crate::store::{self, Manifest, StoreConfig};
+use tally_shared::encode::hex;
+use tally_shared::pg::with_database;
 
 /// Which backup to restore.
 #[derive(Debug, Clone, PartialEq)]
@@ -227,14 +229,10 @@ async fn exists(client: &Client, table: &str) -> Result<bool, BackupError> {
         .get(0))
 }
 
-async fn connect(url: &str) -> Result<Client, BackupError> {
-    let (client, connection) = tokio_postgres::connect(url, NoTls)
+pub(crate) async fn connect(url: &str) -> Result<Client, BackupError> {
+    tally_shared::pg::connect(url)
         .await
-        .map_err(|e| BackupError::Database(format!("connecting: {e}")))?;
-    tokio::spawn(async move {
-        let _ = connection.await;
-    });
-    Ok(client)
+        .map_err(|e| BackupError::Database(format!("connecting: {e}")))
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -258,7 +256,7 @@ pub async fn drill(database_url: &str, config: &StoreConfig) -> Result<DrillRepo
         .batch_execute(&format!("CREATE DATABASE \"{scratch}\""))
         .await
         .map_err(db)?;
-    let target = with_database(database_url, &scratch)?;
+    let target = with_database(database_url, &scratch);
     let restored = restore(
         config,
         &database,
@@ -277,23 +275,6 @@ pub async fn drill(database_url: &str, config: &StoreConfig) -> Result<DrillRepo
         backup,
         restore,
         scratch_database: scratch,
-    })
-}
-
-/// The same URL naming another database.
-fn with_database(url: &str, database: &str) -> Result<String, BackupError> {
-    let (base, query) = url
-        .split_once('?')
-        .map_or((url, None), |(b, q)| (b, Some(q)));
-    let scheme_end = base.find("://").map(|i| i + 3).unwrap_or(0);
-    let path_start = base[scheme_end..].find('/').map(|i| i + scheme_end);
-    let head = match path_start {
-        Some(i) => &base[..i],
-        None => base,
-    };
-    Ok(match query {
-        Some(q) => format!("{head}/{database}?{q}"),
-        None => format!("{head}/{database}"),
     })
 }
 

@@ -115,7 +115,7 @@ impl OrderRequest {
         for (product_id, quantity) in self.product_ids.iter().zip(&self.quantities) {
             hash.update(format!(";{product_id}x{quantity}"));
         }
-        hash.finalize().iter().map(|b| format!("{b:02x}")).collect()
+        tally_shared::encode::hex(&hash.finalize())
     }
 }
 

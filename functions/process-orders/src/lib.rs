@@ -19,7 +19,7 @@ use metrics::counter;
 use serde::{Deserialize, Serialize};
 use tally_shared::http::json_response;
 use tally_shared::router::HandlerResult;
-use tally_shared::{ApiError, AppState, Pool, Request, Route, auth, runtime};
+use tally_shared::{ApiError, AppState, Pool, Request, Route, app, auth};
 use tokio_postgres::types::Type;
 
 /// The processor's own settings, from the environment.
@@ -340,15 +340,15 @@ pub fn main(mut args: impl Iterator<Item = String>) -> ExitCode {
         }
     };
     match every {
-        None => runtime::run("process-orders", routes()),
-        Some(every) => runtime::run_worker("process-orders", move |state| async move {
+        None => app::run("process-orders", routes()),
+        Some(every) => app::run_worker("process-orders", move |state| async move {
             tracing::info!(every = ?every, "processing orders");
             run_every(
                 state.pool,
                 processor,
                 Arc::new(ConfirmAll),
                 every,
-                runtime::shutdown_signal(),
+                app::shutdown_signal(),
             )
             .await;
             ExitCode::SUCCESS

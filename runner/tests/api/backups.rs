@@ -15,7 +15,6 @@ use http::Method;
 use object_store::path::Path;
 use object_store::{ObjectStore, PutPayload};
 use tally_shared::config::Secret;
-use tokio_postgres::NoTls;
 
 use crate::faults::free_port;
 use crate::helpers::{TestApp, admin_url, fresh_database, random_u64};
@@ -138,8 +137,7 @@ impl Drop for S3Server {
 
 /// An ordered checksum of every table's content.
 async fn checksums(db_url: &str) -> BTreeMap<String, String> {
-    let (client, conn) = tokio_postgres::connect(db_url, NoTls).await.unwrap();
-    tokio::spawn(conn);
+    let client = tally_shared::pg::connect(db_url).await.unwrap();
     let tables = client
         .query(
             "SELECT format('%I', tablename) FROM pg_tables WHERE schemaname = 'public' ORDER BY 1",
@@ -279,8 +277,7 @@ async fn a_backup_taken_during_a_storm_restores_consistent() {
     .unwrap();
     assert!(r.tables_checked >= 7);
     // restore() verified the counts against the manifest and the ledger; check it here too.
-    let (client, conn) = tokio_postgres::connect(&target, NoTls).await.unwrap();
-    tokio::spawn(conn);
+    let client = tally_shared::pg::connect(&target).await.unwrap();
     let orders: i64 = client
         .query_one("SELECT count(*) FROM orders", &[])
         .await
@@ -413,8 +410,7 @@ async fn a_corrupted_or_truncated_dump_is_refused_before_the_target_is_touched()
     let original = store.get(&key).await.unwrap().bytes().await.unwrap();
 
     let target = fresh_database(admin_url()).await;
-    let (client, conn) = tokio_postgres::connect(&target, NoTls).await.unwrap();
-    tokio::spawn(conn);
+    let client = tally_shared::pg::connect(&target).await.unwrap();
     client
         .batch_execute("CREATE TABLE marker (id int); INSERT INTO marker VALUES (42)")
         .await
@@ -544,8 +540,7 @@ async fn a_large_database_backs_up_in_bounded_memory() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(200);
     let db_url = fresh_database(admin_url()).await;
-    let (client, conn) = tokio_postgres::connect(&db_url, NoTls).await.unwrap();
-    tokio::spawn(conn);
+    let client = tally_shared::pg::connect(&db_url).await.unwrap();
     // Rows of ~130 bytes that compress poorly, up to the requested size on disk.
     let rows = megabytes * 1024 * 1024 / 170;
     let started = Instant::now();

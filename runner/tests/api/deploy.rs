@@ -345,10 +345,7 @@ fn sample(metrics: &str, name: &str, parts: &[&str]) -> Option<f64> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_count_requests_orders_and_rejections_exactly() {
     let db_url = fresh_database(admin_url()).await;
-    let (client, conn) = tokio_postgres::connect(&db_url, tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(conn);
+    let client = tally_shared::pg::connect(&db_url).await.unwrap();
     tally_shared::migrate::seed_if_empty(&client).await.unwrap();
     let config = crate::helpers::test_config(&db_url, &[]);
     let token = tally_shared::auth::mint(

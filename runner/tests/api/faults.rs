@@ -5,7 +5,6 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use tally_shared::devdb::PrivatePostgres;
-use tokio_postgres::NoTls;
 
 use crate::helpers::{TestApp, admin_url, fresh_database};
 
@@ -117,8 +116,7 @@ async fn sigterm_lets_in_flight_requests_finish_then_exits_0() {
     app.wait_until_up().await;
 
     // Hold the product's row lock so that the orders below stay in flight.
-    let (locker, conn) = tokio_postgres::connect(&db_url, NoTls).await.unwrap();
-    tokio::spawn(conn);
+    let locker = tally_shared::pg::connect(&db_url).await.unwrap();
     locker
         .batch_execute("BEGIN; SELECT 1 FROM products WHERE id = 1 FOR UPDATE")
         .await

@@ -18,7 +18,6 @@ use tally_shared::{AppState, Config, db, migrate, runtime};
 
 /// A header value that tells [`TestApp::request`] to send no such header at all.
 pub const NO_AUTH: &str = "\u{0}no-auth";
-use tokio_postgres::NoTls;
 
 /// The server that hosts the test databases: `TEST_DATABASE_URL`, or a private cluster under
 /// `target/` started once and left running for the next run.
@@ -54,10 +53,9 @@ pub fn drop_leftover_databases(url: &str) {
             .build()
             .unwrap();
         rt.block_on(async {
-            let (client, conn) = tokio_postgres::connect(&url, NoTls)
+            let client = tally_shared::pg::connect(&url)
                 .await
                 .expect("connect to the test server");
-            tokio::spawn(conn);
             let rows = client
                 .query(
                     "SELECT datname FROM pg_database WHERE datname LIKE $1",
@@ -94,23 +92,7 @@ fn run_is_alive(pid: u32) -> bool {
     std::path::Path::new(&format!("/proc/{pid}")).exists()
 }
 
-/// Swaps the database name in a URL.
-pub fn with_database(url: &str, database: &str) -> String {
-    let mut config: tokio_postgres::Config = url.parse().unwrap();
-    config.dbname(database);
-    let host = match &config.get_hosts()[0] {
-        tokio_postgres::config::Host::Tcp(h) => h.clone(),
-        #[allow(unreachable_patterns)]
-        _ => "127.0.0.1".into(),
-    };
-    let port = config.get_ports().first().copied().unwrap_or(5432);
-    let user = config.get_user().unwrap_or("postgres");
-    let password = config
-        .get_password()
-        .map(|p| format!(":{}", String::from_utf8_lossy(p)))
-        .unwrap_or_default();
-    format!("postgres://{user}{password}@{host}:{port}/{database}")
-}
+pub use tally_shared::pg::with_database;
 
 /// A fresh, migrated database with a random name on `server_url`'s server.
 pub async fn fresh_database(server_url: &str) -> String {
@@ -124,10 +106,9 @@ pub async fn fresh_database_at(server_url: &str, version: Option<i32>) -> String
         std::process::id(),
         random_u64()
     );
-    let (admin, conn) = tokio_postgres::connect(server_url, NoTls)
+    let admin = tally_shared::pg::connect(server_url)
         .await
         .expect("connect");
-    tokio::spawn(conn);
     admin
         .batch_execute(&format!("CREATE DATABASE \"{name}\""))
         .await
@@ -274,12 +255,7 @@ impl TestApp {
 
     /// Serves an existing database.
     pub async fn serve(db_url: String, extra: &[(&str, &str)]) -> Self {
-        let (db, conn) = tokio_postgres::connect(&db_url, NoTls)
-            .await
-            .expect("connect");
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
+        let db = tally_shared::pg::connect(&db_url).await.expect("connect");
         migrate::seed_if_empty(&db).await.expect("seed");
         let config = test_config(&db_url, extra);
         let pool = db::lazy_pool(&config, "tests").unwrap();
@@ -314,12 +290,7 @@ impl TestApp {
 
     /// A client for a server running elsewhere (a spawned binary) on 127.0.0.1:`port`.
     pub async fn attach(port: u16, db_url: &str) -> Self {
-        let (db, conn) = tokio_postgres::connect(db_url, NoTls)
-            .await
-            .expect("connect");
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
+        let db = tally_shared::pg::connect(db_url).await.expect("connect");
         let client = Client::builder(TokioExecutor::new()).build_http();
         Self {
             addr: SocketAddr::from(([127, 0, 0, 1], port)),

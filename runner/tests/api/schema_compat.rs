@@ -86,10 +86,7 @@ async fn run_all(
     db_url: &str,
     statements: &[Statement],
 ) -> Result<Vec<Vec<(String, String)>>, String> {
-    let (mut client, conn) = tokio_postgres::connect(db_url, tokio_postgres::NoTls)
-        .await
-        .expect("connect");
-    tokio::spawn(conn);
+    let mut client = tally_shared::pg::connect(db_url).await.expect("connect");
     tally_shared::migrate::seed_if_empty(&client).await.unwrap();
     let tx = client.transaction().await.unwrap();
     let mut all = Vec::new();
@@ -231,10 +228,7 @@ async fn the_guard_fails_on_a_dropped_function_a_changed_type_or_a_broken_body()
         ),
     ] {
         let db = fresh_database_at(admin_url(), None).await;
-        let (client, conn) = tokio_postgres::connect(&db, tokio_postgres::NoTls)
-            .await
-            .unwrap();
-        tokio::spawn(conn);
+        let client = tally_shared::pg::connect(&db).await.unwrap();
         client.batch_execute(change).await.unwrap();
         let e = check(&db, &fixture).await.unwrap_err();
         assert!(e.starts_with(expected), "{change}: {e}");
@@ -248,11 +242,7 @@ async fn a_migration_behind_a_long_reader_lets_orders_pass_and_retries() {
     use std::time::{Duration, Instant};
     let db = fresh_database_at(admin_url(), Some(4)).await;
     let connect = || async {
-        let (c, conn) = tokio_postgres::connect(&db, tokio_postgres::NoTls)
-            .await
-            .unwrap();
-        tokio::spawn(conn);
-        c
+        tally_shared::pg::connect(&db).await.unwrap()
     };
     let blocker = connect().await;
     tally_shared::migrate::seed_if_empty(&blocker)
@@ -312,10 +302,7 @@ async fn a_migration_behind_a_long_reader_lets_orders_pass_and_retries() {
 #[tokio::test]
 async fn leftover_test_databases_of_finished_runs_go_and_live_runs_keep_theirs() {
     let server = admin_url();
-    let (admin, conn) = tokio_postgres::connect(server, tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(conn);
+    let admin = tally_shared::pg::connect(server).await.unwrap();
     let suffix = crate::helpers::random_u64() % 1_000_000;
     // Process 1 always runs; a pid above the kernel's limit never does.
     let live = format!("tally_test_1_{suffix}");

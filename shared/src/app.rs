@@ -1,0 +1,132 @@
+//! How a process is assembled and run: settings from the environment, telemetry, the async
+//! runtime, the lazy pool and the [`AppState`], then a transport (the hyper server, or Lambda
+//! when started by it) or a worker loop until SIGTERM. Every function's `main` is one call here.
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+
+use tokio::net::TcpListener;
+
+use crate::config::Config;
+use crate::router::{Access, AppState, Route, Router};
+use crate::{db, lambda, meters, runtime, telemetry};
+
+/// The whole life of a deployed function: config, telemetry, lazy pool, serve until SIGTERM.
+/// Each function's `main` is one call to this.
+pub fn run(name: &'static str, routes: Vec<Route>) -> ExitCode {
+    run_worker(name, move |state| async move {
+        // There is no way to run a deployed function with authentication off.
+        if state.verifier.is_none() && routes.iter().any(|r| r.access == Access::Authenticated) {
+            eprintln!(
+                "{name}: configuration error: set JWT_HS256_SECRET or JWT_PUBLIC_KEY_PEM (this function's routes need a bearer token)"
+            );
+            return ExitCode::FAILURE;
+        }
+        // The adapter is chosen here, before lambda_http could panic for want of its variables.
+        if crate::config::on_lambda() {
+            tracing::info!(function = name, "serving AWS Lambda invocations");
+            meters::install();
+            return match lambda::serve(Router::new().mount(routes), state).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!(function = name, error = %e, "the Lambda runtime stopped");
+                    ExitCode::FAILURE
+                }
+            };
+        }
+        let addr = SocketAddr::new(state.config.host, state.config.port);
+        let listener = match TcpListener::bind(addr).await {
+            Ok(listener) => listener,
+            Err(e) => {
+                eprintln!("{name}: cannot listen on {addr}: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        tracing::info!(function = name, %addr, "listening");
+        runtime::serve(
+            listener,
+            Router::new().mount(routes),
+            state,
+            shutdown_signal(),
+        )
+        .await;
+        tracing::info!(function = name, "stopped");
+        ExitCode::SUCCESS
+    })
+}
+
+/// Like [`run`], for a process that does something other than serve HTTP (the order
+/// processor's loop): the same config, telemetry and pool, then `work` until it returns.
+pub fn run_worker<F, Fut>(name: &'static str, work: F) -> ExitCode
+where
+    F: FnOnce(AppState) -> Fut,
+    Fut: Future<Output = ExitCode>,
+{
+    let (config, runtime) = match start(name, Logs::Stdout) {
+        Ok(started) => started,
+        Err(code) => return code,
+    };
+    // bb8 starts its reaper task when the pool is built: that needs the runtime.
+    let _guard = runtime.enter();
+    let pool = match db::lazy_pool(&config, name) {
+        Ok(pool) => pool,
+        Err(e) => {
+            eprintln!("{name}: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let state = match AppState::new(pool, config) {
+        Ok(state) => state,
+        Err(e) => {
+            eprintln!("{name}: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(work(state))
+}
+
+/// Where a process's JSON log lines go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Logs {
+    /// Servers and workers.
+    Stdout,
+    /// Commands whose stdout is their result.
+    Stderr,
+}
+
+/// What every process does first: settings from the environment, telemetry, the async
+/// runtime. Any failure is one line on stderr naming `name`, and the exit code to return.
+pub fn start(name: &str, logs: Logs) -> Result<(Config, tokio::runtime::Runtime), ExitCode> {
+    let config = Config::from_env().map_err(|e| {
+        eprintln!("{name}: {e}");
+        ExitCode::FAILURE
+    })?;
+    match logs {
+        Logs::Stdout => telemetry::init(&config.log_level),
+        Logs::Stderr => telemetry::init_stderr(&config.log_level),
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| {
+            eprintln!("{name}: cannot start the async runtime: {e}");
+            ExitCode::FAILURE
+        })?;
+    Ok((config, runtime))
+}
+
+/// Resolves on SIGTERM (what Kubernetes sends) or Ctrl-C.
+pub async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("installing a SIGTERM handler cannot fail on Unix");
+        tokio::select! {
+            _ = ctrl_c => {},
+            _ = term.recv() => {},
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}

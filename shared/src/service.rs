@@ -1,0 +1,113 @@
+//! One request end to end, whichever transport carried it (the hyper server in [`crate::runtime`]
+//! or the Lambda adapter in [`crate::lambda`]): request id, dispatch, the one error mapping,
+//! metrics and the access log. Both transports sit above this module, never beside each other.
+
+use std::hash::{BuildHasher, RandomState};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::HeaderValue;
+
+use crate::error::ApiError;
+use crate::meters;
+use crate::router::{AppState, Router};
+
+/// Bodies larger than this are refused with 413 before they are read into memory.
+pub const BODY_LIMIT: usize = 64 * 1024;
+
+const REQUEST_ID: &str = "x-request-id";
+
+/// One request, start to finish, whichever adapter carried it (hyper here, or Lambda): request
+/// id, body, dispatch, the one error mapping, metrics and the access log.
+pub async fn respond(
+    parts: http::request::Parts,
+    body: impl Future<Output = Result<Bytes, ApiError>>,
+    router: &Router,
+    state: AppState,
+) -> crate::Response {
+    let started = Instant::now();
+    let request_id = parts
+        .headers
+        .get(REQUEST_ID)
+        .filter(|v| is_reasonable_id(v))
+        .cloned()
+        .unwrap_or_else(new_request_id);
+    let method = parts.method.clone();
+    let path = parts.uri.path().to_owned();
+    let trace_id = trace_id(&parts.headers).to_owned();
+
+    let (result, route) = match body.await {
+        Ok(bytes) => {
+            router
+                .dispatch(http::Request::from_parts(parts, bytes), state)
+                .await
+        }
+        Err(e) => (Err(e), "unmatched"),
+    };
+    let mut response = result.unwrap_or_else(|e| {
+        if let Some(cause) = e.internal_cause() {
+            tracing::error!(
+                request_id = request_id.to_str().unwrap_or(""),
+                trace_id,
+                error = e.code(),
+                cause,
+                "request failed"
+            );
+        }
+        e.into_response()
+    });
+    response
+        .headers_mut()
+        .insert(REQUEST_ID, request_id.clone());
+    let elapsed = started.elapsed();
+    let status = response.status().as_u16();
+    meters::record_request(route, method.as_str(), status, elapsed);
+    tracing::info!(
+        method = method.as_str(),
+        path,
+        route,
+        status,
+        latency_us = elapsed.as_micros() as u64,
+        request_id = request_id.to_str().unwrap_or(""),
+        trace_id,
+        "request"
+    );
+    response
+}
+
+/// The trace id of a W3C `traceparent` (`00-<32 hex trace id>-<16 hex span id>-<2 hex flags>`),
+/// as Knative's ingress and queue-proxy propagate it; empty when absent or malformed.
+fn trace_id(headers: &http::HeaderMap) -> &str {
+    let Some(value) = headers.get("traceparent").and_then(|v| v.to_str().ok()) else {
+        return "";
+    };
+    let mut parts = value.split('-');
+    match (parts.next(), parts.next(), parts.next(), parts.next()) {
+        (Some(version), Some(trace), Some(span), Some(_flags))
+            if version.len() == 2
+                && trace.len() == 32
+                && span.len() == 16
+                && trace.bytes().all(|b| b.is_ascii_hexdigit())
+                && trace != "00000000000000000000000000000000" =>
+        {
+            trace
+        }
+        _ => "",
+    }
+}
+
+/// A caller's id is kept if it is short visible ASCII, so it cannot smuggle anything into logs.
+fn is_reasonable_id(value: &HeaderValue) -> bool {
+    let bytes = value.as_bytes();
+    !bytes.is_empty() && bytes.len() <= 128 && bytes.iter().all(|b| b.is_ascii_graphic())
+}
+
+/// 16 hex digits, unique per process and unpredictable across processes; no syscall per call.
+fn new_request_id() -> HeaderValue {
+    static SEED: std::sync::OnceLock<RandomState> = std::sync::OnceLock::new();
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let id = SEED.get_or_init(RandomState::new).hash_one(n);
+    HeaderValue::from_str(&format!("{id:016x}")).expect("hex is a valid header value")
+}
