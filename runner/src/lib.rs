@@ -7,10 +7,11 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tally_shared::app::{self, App};
 use tally_shared::auth::{self, Role};
 use tally_shared::config::Secret;
 use tally_shared::devdb::PrivatePostgres;
-use tally_shared::{AppState, Config, Route, Router, app, db, migrate, runtime};
+use tally_shared::{Config, Route, migrate, runtime};
 
 /// Every function that serves the public API, by name (its crate, image and Knative Service).
 pub fn functions() -> Vec<(&'static str, Vec<Route>)> {
@@ -23,11 +24,15 @@ pub fn functions() -> Vec<(&'static str, Vec<Route>)> {
     ]
 }
 
-/// Every function, mounted as its own deployment would serve it.
-pub fn router() -> Router {
-    functions()
-        .into_iter()
-        .fold(Router::new(), |router, (_, routes)| router.mount(routes))
+/// Every function's routes, as one process serves them.
+pub fn app() -> App {
+    App::new(
+        "tally",
+        functions()
+            .into_iter()
+            .flat_map(|(_, routes)| routes)
+            .collect(),
+    )
 }
 
 /// `tally` runs the API; `tally token --sub ID [--role customer|admin] [--ttl 1h]` mints a
@@ -75,7 +80,9 @@ fn token(mut args: impl Iterator<Item = String>) -> ExitCode {
         eprintln!("usage: tally token --sub ID [--role customer|admin] [--ttl 1h]");
         return ExitCode::FAILURE;
     };
-    let minted = Config::from_env().and_then(|c| auth::mint(&c, sub, role, ttl));
+    let minted = app::start("tally token", app::Logs::Stderr)
+        .map_err(|_| "see above".to_owned())
+        .and_then(|(c, _)| auth::mint(&c, sub, role, ttl).map_err(|e| e.to_string()));
     match minted {
         Ok(token) => {
             println!("{token}");
@@ -96,15 +103,34 @@ fn random_secret() -> std::io::Result<String> {
     Ok(tally_shared::encode::hex(&bytes))
 }
 
-/// Where the private cluster keeps its data unless `TALLY_DATA_DIR` says otherwise: inside the
-/// workspace (ignored by git), so data survives restarts of the runner.
-fn data_dir() -> PathBuf {
-    std::env::var_os("TALLY_DATA_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../.dev/pgdata")))
+/// The runner's own settings, read at start with the rest (`app::settings`).
+#[derive(Debug, Clone, serde::Deserialize)]
+struct RunnerSettings {
+    /// Set: bind where it says (deployed functions' rule); unset: loopback only.
+    host: Option<String>,
+    /// Where the private cluster keeps its data: by default inside the workspace (ignored by
+    /// git), so data survives restarts of the runner.
+    #[serde(default = "defaults::data_dir")]
+    tally_data_dir: PathBuf,
+    #[serde(default = "defaults::private_pg_port")]
+    private_pg_port: u16,
+    /// How often the built-in order processor sweeps; 0 turns it off.
+    #[serde(default = "defaults::process_every_ms")]
+    process_every_ms: u64,
 }
 
-const PRIVATE_PG_PORT: u16 = 54329;
+mod defaults {
+    pub fn data_dir() -> std::path::PathBuf {
+        concat!(env!("CARGO_MANIFEST_DIR"), "/../.dev/pgdata").into()
+    }
+    pub fn private_pg_port() -> u16 {
+        54329
+    }
+    pub fn process_every_ms() -> u64 {
+        1000
+    }
+}
+
 const PRIVATE_DB: &str = "tally";
 
 /// Runs the whole API until SIGTERM or Ctrl-C.
@@ -113,9 +139,18 @@ pub fn run() -> ExitCode {
         Ok(started) => started,
         Err(code) => return code,
     };
+    let settings = app::settings::<RunnerSettings>()
+        .and_then(|runner| Ok((runner, app::settings::<process_orders::ProcessorConfig>()?)));
+    let (settings, processor) = match settings {
+        Ok(both) => both,
+        Err(e) => {
+            eprintln!("tally: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     // A developer's runner listens on loopback unless told otherwise; deployed functions bind
     // all interfaces.
-    if std::env::var_os("HOST").is_none() {
+    if settings.host.is_none() {
         config.host = IpAddr::V4(Ipv4Addr::LOCALHOST);
     }
     // The runner uses the configured key when there is one (so scripts can mint their own
@@ -131,7 +166,7 @@ pub fn run() -> ExitCode {
     }
 
     let private = if config.database_url.is_none() {
-        match start_private_postgres() {
+        match start_private_postgres(&settings) {
             Ok((cluster, url)) => {
                 config.database_url = Some(url);
                 Some(cluster)
@@ -145,7 +180,7 @@ pub fn run() -> ExitCode {
         None
     };
 
-    let code = runtime.block_on(serve(config));
+    let code = runtime.block_on(serve(config, settings, processor));
     if let Some(cluster) = private {
         if let Err(e) = cluster.stop() {
             eprintln!("tally: stopping the private PostgreSQL: {e}");
@@ -154,12 +189,9 @@ pub fn run() -> ExitCode {
     code
 }
 
-fn start_private_postgres() -> Result<(PrivatePostgres, String), String> {
-    let port = std::env::var("PRIVATE_PG_PORT")
-        .ok()
-        .and_then(|p| p.parse().ok())
-        .unwrap_or(PRIVATE_PG_PORT);
-    let cluster = PrivatePostgres::new(&data_dir(), port, "").map_err(|e| e.to_string())?;
+fn start_private_postgres(settings: &RunnerSettings) -> Result<(PrivatePostgres, String), String> {
+    let cluster = PrivatePostgres::new(&settings.tally_data_dir, settings.private_pg_port, "")
+        .map_err(|e| e.to_string())?;
     cluster.start().map_err(|e| e.to_string())?;
     // The cluster's own `postgres` database always exists; ours is created once.
     let created = std::process::Command::new("psql")
@@ -190,7 +222,11 @@ fn start_private_postgres() -> Result<(PrivatePostgres, String), String> {
     Ok((cluster, url))
 }
 
-async fn serve(config: Config) -> ExitCode {
+async fn serve(
+    config: Config,
+    settings: RunnerSettings,
+    processor: process_orders::ProcessorConfig,
+) -> ExitCode {
     let url = config.database_url.clone().unwrap_or_default();
     let addr = SocketAddr::new(config.host, config.port);
     let listener = match tokio::net::TcpListener::bind(addr).await {
@@ -216,24 +252,16 @@ async fn serve(config: Config) -> ExitCode {
     }
     let _ = ready_tx.send(());
     let listener = waiting.await.expect("the waiting server does not panic");
-    let pool = match db::lazy_pool(&config, "tally-local") {
-        Ok(p) => p,
+    let app = app();
+    let state = match app.state(config.clone()) {
+        Ok(state) => state,
         Err(e) => {
             eprintln!("tally: {e}");
             return ExitCode::FAILURE;
         }
     };
-    let processor = match process_orders::ProcessorConfig::from_env() {
-        Ok(p) => p,
-        Err(e) => {
-            eprintln!("tally: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let every = std::env::var("PROCESS_EVERY_MS")
-        .ok()
-        .and_then(|v| v.parse::<u64>().ok())
-        .unwrap_or(1000);
+    let pool = state.pool.clone();
+    let every = settings.process_every_ms;
     // The order processor runs beside the API, as its own Knative function would.
     let worker = (every > 0).then(|| {
         tokio::spawn(process_orders::run_every(
@@ -253,13 +281,6 @@ async fn serve(config: Config) -> ExitCode {
             .map(|t| format!("export {name}={t}   # user {user}, {role:?}"))
             .unwrap_or_else(|e| format!("# no {name}: {e}"))
     });
-    let state = match AppState::new(pool, config) {
-        Ok(state) => state,
-        Err(e) => {
-            eprintln!("tally: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
     eprintln!(
         "tally: API on http://{addr}  (database {})",
         tally_shared::pg::redact(&url)
@@ -267,7 +288,7 @@ async fn serve(config: Config) -> ExitCode {
     for line in demo_tokens {
         eprintln!("{line}");
     }
-    runtime::serve(listener, router(), state, app::shutdown_signal()).await;
+    runtime::serve(listener, app.router(), state, app::shutdown_signal()).await;
     if let Some(worker) = worker {
         worker.abort();
     }

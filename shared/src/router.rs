@@ -28,6 +28,8 @@ pub struct AppState {
     pub config: Arc<Config>,
     /// None only where no key is configured; then every authenticated route answers 401.
     pub verifier: Option<Arc<Verifier>>,
+    /// A function's own settings, read at start (see `App::settings`).
+    extensions: Arc<http::Extensions>,
 }
 
 impl AppState {
@@ -43,6 +45,22 @@ impl AppState {
             pool,
             config: Arc::new(config),
             verifier,
+            extensions: Arc::default(),
+        })
+    }
+
+    pub fn with_extensions(mut self, extensions: http::Extensions) -> Self {
+        self.extensions = Arc::new(extensions);
+        self
+    }
+
+    /// A function's own settings of type `T`; an internal error when its `App` did not read them.
+    pub fn extension<T: Send + Sync + 'static>(&self) -> Result<&T, ApiError> {
+        self.extensions.get::<T>().ok_or_else(|| {
+            ApiError::Internal(format!(
+                "{} was not read at start",
+                std::any::type_name::<T>()
+            ))
         })
     }
 }

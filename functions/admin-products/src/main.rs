@@ -1,5 +1,5 @@
 //! The `admin-products` function as a standalone server (one Knative Service).
 
 fn main() -> std::process::ExitCode {
-    tally_shared::app::run("admin-products", admin_products::routes())
+    tally_shared::app::App::new("admin-products", admin_products::routes()).run()
 }

@@ -17,7 +17,6 @@ pub mod restore;
 pub mod store;
 
 use std::process::ExitCode;
-use std::sync::OnceLock;
 
 use http::{Method, StatusCode};
 use metrics::gauge;
@@ -64,15 +63,6 @@ pub fn routes() -> Vec<Route> {
     })]
 }
 
-fn store_config() -> Result<&'static StoreConfig, BackupError> {
-    static CONFIG: OnceLock<StoreConfig> = OnceLock::new();
-    if let Some(c) = CONFIG.get() {
-        return Ok(c);
-    }
-    let config = StoreConfig::from_env()?;
-    Ok(CONFIG.get_or_init(|| config))
-}
-
 async fn backup_now(request: Request, state: AppState) -> HandlerResult {
     auth::principal(&request)?.require_admin()?;
     let url = state
@@ -80,7 +70,7 @@ async fn backup_now(request: Request, state: AppState) -> HandlerResult {
         .database_url
         .clone()
         .ok_or_else(|| ApiError::Internal("no DATABASE_URL".into()))?;
-    let report = dump::backup(&url, store_config()?).await?;
+    let report = dump::backup(&url, state.extension::<StoreConfig>()?).await?;
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default();
@@ -103,7 +93,9 @@ const USAGE: &str = "usage:
 pub fn main(args: impl Iterator<Item = String>) -> ExitCode {
     let args: Vec<String> = args.collect();
     if args.is_empty() {
-        return app::run("backup", routes());
+        return app::App::new("backup", routes())
+            .settings::<StoreConfig>()
+            .run();
     }
     let (config, runtime) = match app::start("backup", app::Logs::Stderr) {
         Ok(started) => started,
@@ -141,7 +133,7 @@ impl From<BackupError> for CommandError {
 }
 
 async fn command(args: &[String], config: &Config) -> Result<String, CommandError> {
-    let store = StoreConfig::from_env()?;
+    let store: StoreConfig = app::settings().map_err(BackupError::Config)?;
     let source = || {
         config.database_url.clone().ok_or_else(|| {
             Failed(BackupError::Config(

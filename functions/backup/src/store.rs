@@ -69,10 +69,6 @@ mod defaults {
 }
 
 impl StoreConfig {
-    pub fn from_env() -> Result<Self, BackupError> {
-        envy::from_env::<Self>().map_err(|e| BackupError::Config(e.to_string()))
-    }
-
     /// Opens the configured store. Nothing is sent yet.
     pub fn open(&self) -> Result<Arc<dyn ObjectStore>, BackupError> {
         let config = |m: &str| BackupError::Config(m.to_owned());

@@ -11,7 +11,7 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::process::ExitCode;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::{Method, StatusCode};
@@ -49,12 +49,6 @@ mod defaults {
     }
     pub fn retention_secs() -> f64 {
         24.0 * 3600.0
-    }
-}
-
-impl ProcessorConfig {
-    pub fn from_env() -> Result<Self, String> {
-        envy::from_env::<Self>().map_err(|e| format!("configuration error: {e}"))
     }
 }
 
@@ -297,11 +291,6 @@ pub async fn run_every(
     }
 }
 
-fn config() -> &'static ProcessorConfig {
-    static CONFIG: OnceLock<ProcessorConfig> = OnceLock::new();
-    CONFIG.get_or_init(|| ProcessorConfig::from_env().unwrap_or_default())
-}
-
 /// POST / runs one sweep and answers its summary (for a Knative PingSource or a CronJob).
 /// It needs an admin token, like every endpoint that changes state.
 pub fn routes() -> Vec<Route> {
@@ -312,7 +301,12 @@ pub fn routes() -> Vec<Route> {
 
 async fn sweep_once(request: Request, state: AppState) -> HandlerResult {
     auth::principal(&request)?.require_admin()?;
-    let summary = sweep(&state.pool, config(), &ConfirmAll).await?;
+    let summary = sweep(
+        &state.pool,
+        state.extension::<ProcessorConfig>()?,
+        &ConfirmAll,
+    )
+    .await?;
     json_response(StatusCode::OK, &summary)
 }
 
@@ -332,17 +326,14 @@ pub fn main(mut args: impl Iterator<Item = String>) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let processor = match ProcessorConfig::from_env() {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("process-orders: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
+    let app = app::App::new("process-orders", routes()).settings::<ProcessorConfig>();
     match every {
-        None => app::run("process-orders", routes()),
-        Some(every) => app::run_worker("process-orders", move |state| async move {
+        None => app.run(),
+        Some(every) => app.run_worker(move |state| async move {
             tracing::info!(every = ?every, "processing orders");
+            let Ok(processor) = state.extension::<ProcessorConfig>().cloned() else {
+                return ExitCode::FAILURE;
+            };
             run_every(
                 state.pool,
                 processor,

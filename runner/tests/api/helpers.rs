@@ -14,7 +14,7 @@ use hyper_util::rt::TokioExecutor;
 use serde_json::Value;
 use tally_shared::auth::{self, Role};
 use tally_shared::devdb::PrivatePostgres;
-use tally_shared::{AppState, Config, db, migrate, runtime};
+use tally_shared::{Config, migrate, runtime};
 
 /// A header value that tells [`TestApp::request`] to send no such header at all.
 pub const NO_AUTH: &str = "\u{0}no-auth";
@@ -257,14 +257,13 @@ impl TestApp {
     pub async fn serve(db_url: String, extra: &[(&str, &str)]) -> Self {
         let db = tally_shared::pg::connect(&db_url).await.expect("connect");
         migrate::seed_if_empty(&db).await.expect("seed");
-        let config = test_config(&db_url, extra);
-        let pool = db::lazy_pool(&config, "tests").unwrap();
+        let app = tally::app();
+        let state = app.state(test_config(&db_url, extra)).unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let state = AppState::new(pool, config).unwrap();
         tokio::spawn(runtime::serve(
             listener,
-            tally::router(),
+            app.router(),
             state,
             std::future::pending(),
         ));

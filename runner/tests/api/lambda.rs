@@ -334,7 +334,7 @@ async fn through_lambda(shape: Shape) -> Vec<Outcome> {
     let app = TestApp::spawn().await;
     let config = test_config(&app.db_url, &[]);
     let state = AppState::new(db::lazy_pool(&config, "lambda-test").unwrap(), config).unwrap();
-    let router = tally::router();
+    let router = tally::app().router();
     let mut out = Vec::new();
     for (i, c) in cases().into_iter().enumerate() {
         let headers = request_headers(&app, &c);

@@ -293,14 +293,15 @@ async fn cancel_racing_expiry_restocks_each_order_exactly_once() {
 async fn the_http_sweep_answers_its_summary() {
     let app = TestApp::spawn().await;
     app.order(1, &[(1, 1)]).await;
-    let pool = pool_for(&app, &app.db_url);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
-    let state = tally_shared::AppState::new(pool, test_config(&app.db_url, &[])).unwrap();
-    let router = tally_shared::Router::new().mount(process_orders::routes());
+    // Assembled as its main does, its settings read from the (test) environment.
+    let function = tally_shared::app::App::new("process-orders", process_orders::routes())
+        .settings::<ProcessorConfig>();
+    let state = function.state(test_config(&app.db_url, &[])).unwrap();
     tokio::spawn(tally_shared::runtime::serve(
         listener,
-        router,
+        function.router(),
         state,
         std::future::pending(),
     ));

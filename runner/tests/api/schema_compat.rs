@@ -241,9 +241,7 @@ async fn the_guard_fails_on_a_dropped_function_a_changed_type_or_a_broken_body()
 async fn a_migration_behind_a_long_reader_lets_orders_pass_and_retries() {
     use std::time::{Duration, Instant};
     let db = fresh_database_at(admin_url(), Some(4)).await;
-    let connect = || async {
-        tally_shared::pg::connect(&db).await.unwrap()
-    };
+    let connect = || async { tally_shared::pg::connect(&db).await.unwrap() };
     let blocker = connect().await;
     tally_shared::migrate::seed_if_empty(&blocker)
         .await

@@ -3,19 +3,18 @@
 
 use std::process::ExitCode;
 
-use tally_shared::{Config, migrate, telemetry};
+use tally_shared::app::{self, Logs};
+use tally_shared::{Config, migrate};
 
-#[tokio::main(flavor = "current_thread")]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     let seed = std::env::args().skip(1).any(|a| a == "--seed");
-    let config = match Config::from_env() {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("migrate: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    telemetry::init(&config.log_level);
+    match app::start("migrate", Logs::Stdout) {
+        Ok((config, runtime)) => runtime.block_on(run(&config, seed)),
+        Err(code) => code,
+    }
+}
+
+async fn run(config: &Config, seed: bool) -> ExitCode {
     let url = match config.require_database_url() {
         Ok(url) => url,
         Err(e) => {
