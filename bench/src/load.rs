@@ -87,36 +87,9 @@ pub async fn run(
 ) -> LoadResult {
     let started = Instant::now();
     let deadline = started + duration;
-    let mut tasks = Vec::new();
-    for c in 0..connections {
-        let make = make.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut latencies = Vec::with_capacity(16 * 1024);
-            let mut statuses: BTreeMap<u16, u64> = BTreeMap::new();
-            let mut stream = TcpStream::connect(addr).await.expect("connect to the API");
-            stream.set_nodelay(true).ok();
-            let mut buffer = BytesMut::with_capacity(16 * 1024);
-            // A per-connection xorshift seed: request bodies differ but runs repeat.
-            let mut seed =
-                0x9E37_79B9_7F4A_7C15u64 ^ (c as u64 + 1).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            while Instant::now() < deadline {
-                seed ^= seed << 13;
-                seed ^= seed >> 7;
-                seed ^= seed << 17;
-                let request = encode(make(c, seed)).await;
-                let sent = Instant::now();
-                let status = exchange(&mut stream, &request, &mut buffer)
-                    .await
-                    .unwrap_or(599);
-                latencies.push(sent.elapsed().as_micros() as u32);
-                *statuses.entry(status).or_default() += 1;
-                if status == 599 {
-                    break;
-                }
-            }
-            (latencies, statuses)
-        }));
-    }
+    let tasks: Vec<_> = (0..connections)
+        .map(|c| tokio::spawn(drive(addr, c, deadline, make.clone())))
+        .collect();
     let mut latencies = Vec::new();
     let mut statuses = BTreeMap::new();
     for t in tasks {
@@ -126,7 +99,44 @@ pub async fn run(
             *statuses.entry(k).or_default() += v;
         }
     }
-    let seconds = started.elapsed().as_secs_f64();
+    summarise(latencies, statuses, started.elapsed().as_secs_f64())
+}
+
+/// One connection until `deadline`: each request sent as soon as the last is answered. Its
+/// latencies (µs) and statuses; 599 for a failed exchange, which ends the connection.
+async fn drive(
+    addr: SocketAddr,
+    c: usize,
+    deadline: Instant,
+    make: MakeRequest,
+) -> (Vec<u32>, BTreeMap<u16, u64>) {
+    let mut latencies = Vec::with_capacity(16 * 1024);
+    let mut statuses: BTreeMap<u16, u64> = BTreeMap::new();
+    let mut stream = TcpStream::connect(addr).await.expect("connect to the API");
+    stream.set_nodelay(true).ok();
+    let mut buffer = BytesMut::with_capacity(16 * 1024);
+    // A per-connection xorshift seed: request bodies differ but runs repeat.
+    let mut seed = 0x9E37_79B9_7F4A_7C15u64 ^ (c as u64 + 1).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    while Instant::now() < deadline {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        let request = encode(make(c, seed)).await;
+        let sent = Instant::now();
+        let status = exchange(&mut stream, &request, &mut buffer)
+            .await
+            .unwrap_or(599);
+        latencies.push(sent.elapsed().as_micros() as u32);
+        *statuses.entry(status).or_default() += 1;
+        if status == 599 {
+            break;
+        }
+    }
+    (latencies, statuses)
+}
+
+/// Throughput and exact percentiles from every latency of a run.
+fn summarise(mut latencies: Vec<u32>, statuses: BTreeMap<u16, u64>, seconds: f64) -> LoadResult {
     latencies.sort_unstable();
     let pct = |p: f64| {
         if latencies.is_empty() {

@@ -29,7 +29,7 @@ use http::{Method, Request};
 use http_body_util::Full;
 use serde::Serialize;
 use serde_json::json;
-use tally_shared::auth::{self, Role};
+use tally_shared::auth::Role;
 use tally_shared::{Config, migrate};
 use tokio_postgres::Client;
 
@@ -318,7 +318,7 @@ fn token() -> String {
     let config = Config::from_vars([("JWT_HS256_SECRET".to_owned(), SECRET.to_owned())]).unwrap();
     format!(
         "Bearer {}",
-        auth::mint(&config, 1, Role::Customer, Duration::from_secs(3600)).unwrap()
+        tally_dev::token::mint(&config, 1, Role::Customer, Duration::from_secs(3600)).unwrap()
     )
 }
 
@@ -514,6 +514,81 @@ async fn main() -> ExitCode {
         o.connections, o.duration, o.rounds, o.pool, o.shards, o.profile
     );
     let server = Server::start(&runner, &url, o.pool);
+    let (reports, reads) = measure(&o, &server, (&url, &minimal_url), catalog).await;
+    drop(server);
+    let unexpected: u64 = reports
+        .iter()
+        .flat_map(|r| r.rounds.iter().map(|x| x.load.unexpected()))
+        .chain(reads.iter().map(|(_, r)| r.unexpected()))
+        .sum();
+    let drift = books_drift(&url).await;
+    eprintln!(
+        "bench: {unexpected} unexpected (non-2xx) responses; {drift} products whose books do not balance"
+    );
+    if o.smoke || o.only.is_some() {
+        drop_database(&o.server, &url).await;
+        let requests: u64 = reports.iter().map(|r| r.median.load.requests).sum::<u64>()
+            + reads.iter().map(|(_, r)| r.requests).sum::<u64>();
+        return smoke_verdict(requests, unexpected, drift);
+    }
+    let (cold, rss, function_unexpected) = one_function(&o, &url, catalog).await;
+    let unexpected = unexpected + function_unexpected;
+    let drift = books_drift(&url).await;
+    let result = full_report(&o, reports, &reads, (cold, rss), unexpected, drift);
+    write_results(&result);
+    drop_database(&o.server, &url).await;
+    drop_database(&o.server, &minimal_url).await;
+    if unexpected == 0 && drift == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+/// Everything a full run measured, as `latest.json` keeps it.
+fn full_report(
+    o: &Options,
+    reports: Vec<ScenarioReport>,
+    reads: &[(&'static str, LoadResult)],
+    (cold, rss): (serde_json::Value, serde_json::Value),
+    unexpected: u64,
+    drift: i64,
+) -> serde_json::Value {
+    json!({
+        "machine": machine(),
+        "connections": o.connections,
+        "seconds_per_run": o.duration.as_secs(),
+        "pgbench_seconds_per_client_count": o.pgbench_duration.as_secs(),
+        "rounds": o.rounds,
+        "pool_size": o.pool,
+        "stock_shards": o.shards,
+        "scenarios": reports,
+        "reads": reads.iter().map(|(n, r)| json!({"name": n, "load": r})).collect::<Vec<_>>(),
+        "cold_start_ms": cold,
+        "create_order_rss_kb": rss,
+        "unexpected_responses": unexpected,
+        "books_drift": drift,
+    })
+}
+
+/// A short run passes when it sent requests, every one was 2xx and the books balance.
+fn smoke_verdict(requests: u64, unexpected: u64, drift: i64) -> ExitCode {
+    if unexpected == 0 && drift == 0 && requests > 0 {
+        println!("bench smoke: ok ({requests} requests, every one 2xx, books balanced)");
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+/// Every order scenario, round after round (interleaved, so the machine's noise falls on all of
+/// them alike), then the reads.
+async fn measure(
+    o: &Options,
+    server: &Server,
+    urls: (&str, &str),
+    catalog: Catalog,
+) -> (Vec<ScenarioReport>, Vec<(&'static str, LoadResult)>) {
     let scenarios: Vec<Scenario> = order_scenarios(catalog)
         .into_iter()
         .filter(|s| {
@@ -525,7 +600,7 @@ async fn main() -> ExitCode {
     let mut rounds: BTreeMap<&'static str, Vec<Round>> = BTreeMap::new();
     for round in 1..=o.rounds {
         for s in &scenarios {
-            let r = run_round(&o, &server, (&url, &minimal_url), s).await;
+            let r = run_round(o, server, urls, s).await;
             eprintln!(
                 "bench: round {round}, {}: {}",
                 s.name,
@@ -534,7 +609,7 @@ async fn main() -> ExitCode {
             rounds.entry(s.name).or_default().push(r);
         }
     }
-    let reports: Vec<ScenarioReport> = scenarios
+    let reports = scenarios
         .iter()
         .map(|s| summarise(s.name, rounds.remove(s.name).unwrap_or_default()))
         .collect();
@@ -549,63 +624,21 @@ async fn main() -> ExitCode {
             reads.push((name, r));
         }
     }
-    drop(server);
+    (reports, reads)
+}
 
-    let unexpected: u64 = reports
-        .iter()
-        .flat_map(|r| r.rounds.iter().map(|x| x.load.unexpected()))
-        .chain(reads.iter().map(|(_, r)| r.unexpected()))
-        .sum();
-    let drift = books_drift(&url).await;
-    eprintln!(
-        "bench: {unexpected} unexpected (non-2xx) responses; {drift} products whose books do not balance"
-    );
-    let ok = unexpected == 0 && drift == 0;
-    if o.smoke || o.only.is_some() {
-        drop_database(&o.server, &url).await;
-        let requests: u64 = reports.iter().map(|r| r.median.load.requests).sum::<u64>()
-            + reads.iter().map(|(_, r)| r.requests).sum::<u64>();
-        if ok && requests > 0 {
-            println!("bench smoke: ok ({requests} requests, every one 2xx, books balanced)");
-            return ExitCode::SUCCESS;
-        }
-        return ExitCode::FAILURE;
-    }
-    let (cold, rss, function_unexpected) = one_function(&o, &url, catalog).await;
-    let unexpected = unexpected + function_unexpected;
-    let drift = books_drift(&url).await;
-    let result = json!({
-        "machine": machine(),
-        "connections": o.connections,
-        "seconds_per_run": o.duration.as_secs(),
-        "pgbench_seconds_per_client_count": o.pgbench_duration.as_secs(),
-        "rounds": o.rounds,
-        "pool_size": o.pool,
-        "stock_shards": o.shards,
-        "scenarios": reports,
-        "reads": reads.iter().map(|(n, r)| json!({"name": n, "load": r})).collect::<Vec<_>>(),
-        "cold_start_ms": cold,
-        "create_order_rss_kb": rss,
-        "unexpected_responses": unexpected,
-        "books_drift": drift,
-    });
+/// `bench/results/latest.json` and `latest.md`, and the table on stdout.
+fn write_results(result: &serde_json::Value) {
     let dir = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/results"));
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(
         dir.join("latest.json"),
-        serde_json::to_string_pretty(&result).unwrap(),
+        serde_json::to_string_pretty(result).unwrap(),
     )
     .unwrap();
-    let table = report::markdown(&result);
+    let table = report::markdown(result);
     std::fs::write(dir.join("latest.md"), &table).unwrap();
     println!("{table}");
-    drop_database(&o.server, &url).await;
-    drop_database(&o.server, &minimal_url).await;
-    if unexpected == 0 && drift == 0 {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    }
 }
 
 /// One function binary (create-order): cold start (median of 10) and memory, idle and after

@@ -46,30 +46,45 @@ fn header(result: &Value) -> String {
 
 pub fn markdown(result: &Value) -> String {
     let mut t = header(result);
-    t.push_str("| scenario | minimal ceiling (tps) | own SQL ceiling (tps) | API (req/s) | API / minimal | API / own | p50 ms | p99 ms | WAL B/order | pg CPU µs/order | server CPU µs/order | lock wait µs/order |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
-    let f0 = |x: f64| format!("{x:.0}");
-    let f2 = |x: f64| format!("{x:.2}");
+    t.push_str(&scenario_table(result));
+    t.push_str(&every_round(result));
+    t.push_str(&reads_table(result));
+    t.push_str(&function_and_books(result));
+    t
+}
+
+fn f0(x: f64) -> String {
+    format!("{x:.0}")
+}
+
+fn f2(x: f64) -> String {
+    format!("{x:.2}")
+}
+
+/// The median of one ceiling's best tps over a scenario's rounds.
+fn median_ceiling(s: &Value, key: &str) -> Value {
+    let mut v: Vec<f64> = s["rounds"]
+        .as_array()
+        .unwrap_or(&vec![])
+        .iter()
+        .filter_map(|r| r[key]["best_tps"].as_f64())
+        .collect();
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().map_or(Value::Null, Value::from)
+}
+
+fn scenario_table(result: &Value) -> String {
+    let mut t = String::from(
+        "| scenario | minimal ceiling (tps) | own SQL ceiling (tps) | API (req/s) | API / minimal | API / own | p50 ms | p99 ms | WAL B/order | pg CPU µs/order | server CPU µs/order | lock wait µs/order |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+    );
     let ratio = |x: f64| format!("{x:.2}×");
-    let empty = Value::Null;
     for s in result["scenarios"].as_array().unwrap_or(&vec![]) {
         let m = &s["median"];
-        let median_ceiling = |key: &str| {
-            let mut v: Vec<f64> = s["rounds"]
-                .as_array()
-                .unwrap_or(&vec![])
-                .iter()
-                .filter_map(|r| r[key]["best_tps"].as_f64())
-                .collect();
-            v.sort_by(f64::total_cmp);
-            v.get(v.len() / 2)
-                .copied()
-                .map_or(empty.clone(), Value::from)
-        };
         t.push_str(&format!(
             "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
             s["name"].as_str().unwrap_or(""),
-            num(&median_ceiling("minimal_ceiling"), &f0),
-            num(&median_ceiling("own_ceiling"), &f0),
+            num(&median_ceiling(s, "minimal_ceiling"), &f0),
+            num(&median_ceiling(s, "own_ceiling"), &f0),
             num(&m["throughput"], &f0),
             num(&s["minimal_ratio"], &ratio),
             num(&s["own_ratio"], &ratio),
@@ -81,7 +96,11 @@ pub fn markdown(result: &Value) -> String {
             num(&m["cost"]["lock_wait_us_per_order"], &f0),
         ));
     }
-    t.push_str("\nEvery round (API req/s; minimal / own ceiling tps):\n\n");
+    t
+}
+
+fn every_round(result: &Value) -> String {
+    let mut t = String::from("\nEvery round (API req/s; minimal / own ceiling tps):\n\n");
     for s in result["scenarios"].as_array().unwrap_or(&vec![]) {
         let rounds: Vec<String> = s["rounds"]
             .as_array()
@@ -102,7 +121,11 @@ pub fn markdown(result: &Value) -> String {
             rounds.join("; ")
         ));
     }
-    t.push_str("\n| read | req/s | p50 ms | p99 ms |\n|---|---:|---:|---:|\n");
+    t
+}
+
+fn reads_table(result: &Value) -> String {
+    let mut t = String::from("\n| read | req/s | p50 ms | p99 ms |\n|---|---:|---:|---:|\n");
     for r in result["reads"].as_array().unwrap_or(&vec![]) {
         let l = &r["load"];
         t.push_str(&format!(
@@ -113,20 +136,24 @@ pub fn markdown(result: &Value) -> String {
             num(&l["p99_ms"], &f2)
         ));
     }
+    t
+}
+
+fn function_and_books(result: &Value) -> String {
     let c = &result["cold_start_ms"];
     let r = &result["create_order_rss_kb"];
     let mb = |x: f64| format!("{:.1}", x / 1024.0);
-    t.push_str(&format!(
+    let f1 = |x: f64| format!("{x:.1}");
+    format!(
         "\nOne function binary (create-order): cold start (spawn to first 200 on /healthz) median {} ms (min {}, max {}); RSS {} MB idle, {} MB after {} requests of load (peak {} MB).\n\nBooks after all runs: {} products drifted; {} unexpected (non-2xx) responses.\n",
-        num(&c["median"], &|x| format!("{x:.1}")),
-        num(&c["min"], &|x| format!("{x:.1}")),
-        num(&c["max"], &|x| format!("{x:.1}")),
+        num(&c["median"], &f1),
+        num(&c["min"], &f1),
+        num(&c["max"], &f1),
         num(&r["idle"], &mb),
         num(&r["after_load"], &mb),
         r["load_requests"],
         num(&r["peak"], &mb),
         result["books_drift"],
         result["unexpected_responses"],
-    ));
-    t
+    )
 }

@@ -7,10 +7,10 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tally_dev::devdb::PrivatePostgres;
 use tally_shared::app::{self, App};
-use tally_shared::auth::{self, Role};
+use tally_shared::auth::Role;
 use tally_shared::config::Secret;
-use tally_shared::devdb::PrivatePostgres;
 use tally_shared::{Config, Route, migrate, runtime};
 
 /// Every function that serves the public API, by name (its crate, image and Knative Service).
@@ -82,7 +82,7 @@ fn token(mut args: impl Iterator<Item = String>) -> ExitCode {
     };
     let minted = app::start("tally token", app::Logs::Stderr)
         .map_err(|_| "see above".to_owned())
-        .and_then(|(c, _)| auth::mint(&c, sub, role, ttl).map_err(|e| e.to_string()));
+        .and_then(|(c, _)| tally_dev::token::mint(&c, sub, role, ttl).map_err(|e| e.to_string()));
     match minted {
         Ok(token) => {
             println!("{token}");
@@ -229,29 +229,10 @@ async fn serve(
 ) -> ExitCode {
     let url = config.database_url.clone().unwrap_or_default();
     let addr = SocketAddr::new(config.host, config.port);
-    let listener = match tokio::net::TcpListener::bind(addr).await {
-        Ok(l) => l,
-        Err(e) => {
-            eprintln!("tally: cannot listen on {addr}: {e}");
-            return ExitCode::FAILURE;
-        }
+    let listener = match bind_and_prepare(addr, &url).await {
+        Ok(listener) => listener,
+        Err(code) => return code,
     };
-    // Compose and a laptop start things in any order: until PostgreSQL answers and the
-    // migrations are applied, every request (`/healthz` included) is a 503 with Retry-After.
-    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
-    let waiting = tokio::spawn(async move {
-        let listener = listener;
-        runtime::serve_unavailable(&listener, "starting: waiting for PostgreSQL", async {
-            let _ = ready_rx.await;
-        })
-        .await;
-        listener
-    });
-    if let Err(code) = prepare_database(&url).await {
-        return code;
-    }
-    let _ = ready_tx.send(());
-    let listener = waiting.await.expect("the waiting server does not panic");
     let app = app();
     let state = match app.state(config.clone()) {
         Ok(state) => state,
@@ -260,32 +241,22 @@ async fn serve(
             return ExitCode::FAILURE;
         }
     };
-    let pool = state.pool.clone();
     let every = settings.process_every_ms;
     // The order processor runs beside the API, as its own Knative function would.
     let worker = (every > 0).then(|| {
         tokio::spawn(process_orders::run_every(
-            pool.clone(),
+            state.pool.clone(),
             processor,
             Arc::new(process_orders::ConfirmAll),
             Duration::from_millis(every),
             std::future::pending(),
         ))
     });
-    let demo_tokens = [
-        (1, Role::Customer, "TOKEN"),
-        (2, Role::Admin, "ADMIN_TOKEN"),
-    ]
-    .map(|(user, role, name)| {
-        auth::mint(&config, user, role, Duration::from_secs(24 * 3600))
-            .map(|t| format!("export {name}={t}   # user {user}, {role:?}"))
-            .unwrap_or_else(|e| format!("# no {name}: {e}"))
-    });
     eprintln!(
         "tally: API on http://{addr}  (database {})",
         tally_shared::pg::redact(&url)
     );
-    for line in demo_tokens {
+    for line in demo_tokens(&config) {
         eprintln!("{line}");
     }
     runtime::serve(listener, app.router(), state, app::shutdown_signal()).await;
@@ -293,6 +264,42 @@ async fn serve(
         worker.abort();
     }
     ExitCode::SUCCESS
+}
+
+/// Listens at once, and answers 503 with Retry-After (`/healthz` included) until PostgreSQL
+/// answers and the migrations are applied: compose and a laptop start things in any order.
+async fn bind_and_prepare(
+    addr: SocketAddr,
+    url: &str,
+) -> Result<tokio::net::TcpListener, ExitCode> {
+    let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+        eprintln!("tally: cannot listen on {addr}: {e}");
+        ExitCode::FAILURE
+    })?;
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+    let waiting = tokio::spawn(async move {
+        runtime::serve_unavailable(&listener, "starting: waiting for PostgreSQL", async {
+            let _ = ready_rx.await;
+        })
+        .await;
+        listener
+    });
+    prepare_database(url).await?;
+    let _ = ready_tx.send(());
+    Ok(waiting.await.expect("the waiting server does not panic"))
+}
+
+/// Export lines for a customer's and an admin's token, valid for a day.
+fn demo_tokens(config: &Config) -> [String; 2] {
+    [
+        (1, Role::Customer, "TOKEN"),
+        (2, Role::Admin, "ADMIN_TOKEN"),
+    ]
+    .map(|(user, role, name)| {
+        tally_dev::token::mint(config, user, role, Duration::from_secs(24 * 3600))
+            .map(|t| format!("export {name}={t}   # user {user}, {role:?}"))
+            .unwrap_or_else(|e| format!("# no {name}: {e}"))
+    })
 }
 
 /// Connects (retrying, with a line each time it waits), migrates and loads the demo seed.

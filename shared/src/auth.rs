@@ -5,10 +5,8 @@
 //! issuer and audience checked when configured. Only the configured algorithm is accepted, so
 //! `alg: none` and algorithm confusion (a token HMAC-signed with the public key) fail.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
-
 use http::HeaderMap;
-use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use jsonwebtoken::{DecodingKey, Validation};
 use serde::{Deserialize, Serialize};
 
 use crate::config::{Config, ConfigError, KeyConfig};
@@ -151,52 +149,4 @@ impl Verifier {
             role: data.claims.role,
         })
     }
-}
-
-/// Mints a token with the configured key: HS256 with the secret, RS256/ES256 with
-/// `JWT_PRIVATE_KEY_PEM`. Issuer and audience are set when configured.
-pub fn mint(
-    config: &Config,
-    user_id: i64,
-    role: Role,
-    ttl: Duration,
-) -> Result<String, ConfigError> {
-    let keys = KeyConfig::from_config(config)?.ok_or_else(|| {
-        ConfigError::new("no signing key: set JWT_HS256_SECRET (or JWT_PRIVATE_KEY_PEM)")
-    })?;
-    let encoding = match &keys {
-        KeyConfig::Hs256(secret) => EncodingKey::from_secret(secret),
-        KeyConfig::Pem { algorithm, .. } => {
-            let pem = config
-                .jwt_private_key_pem
-                .as_ref()
-                .ok_or_else(|| {
-                    ConfigError::new("minting with a public key needs JWT_PRIVATE_KEY_PEM")
-                })?
-                .0
-                .replace("\\n", "\n");
-            match algorithm {
-                Algorithm::ES256 => EncodingKey::from_ec_pem(pem.as_bytes()),
-                _ => EncodingKey::from_rsa_pem(pem.as_bytes()),
-            }
-            .map_err(|e| {
-                ConfigError::new(format!("JWT_PRIVATE_KEY_PEM is not a usable key: {e}"))
-            })?
-        }
-    };
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_secs();
-    let claims = Claims {
-        sub: user_id.to_string(),
-        role,
-        exp: now + ttl.as_secs(),
-        nbf: None,
-        iat: Some(now),
-        iss: config.jwt_issuer.clone(),
-        aud: config.jwt_audience.clone().map(Audience::One),
-    };
-    jsonwebtoken::encode(&Header::new(keys.algorithm()), &claims, &encoding)
-        .map_err(|e| ConfigError::new(format!("signing a token: {e}")))
 }

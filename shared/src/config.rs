@@ -264,7 +264,7 @@ impl KeyConfig {
         }
     }
 
-    pub(crate) fn algorithm(&self) -> Algorithm {
+    pub fn algorithm(&self) -> Algorithm {
         match self {
             Self::Hs256(_) => Algorithm::HS256,
             Self::Pem { algorithm, .. } => *algorithm,

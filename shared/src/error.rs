@@ -29,29 +29,13 @@ pub enum ApiError {
     PayloadTooLarge { limit: usize },
     #[error("the body did not arrive within {limit_ms} ms")]
     RequestTimeout { limit_ms: u64 },
-    #[error("product {product_id} has {available} in stock, {requested} requested")]
-    InsufficientInventory {
-        product_id: i64,
-        requested: i64,
-        available: i64,
-    },
-    #[error("user {user_id} does not exist")]
-    UnknownUser { user_id: i64 },
-    #[error("product {product_id} does not exist")]
-    UnknownProduct { product_id: i64 },
-    #[error("a backup is already running")]
-    BackupInProgress,
-    #[error("a product with sku {sku:?} already exists")]
-    DuplicateSku { sku: String },
-    #[error("{0}")]
-    IdempotencyKeyReused(String),
-    #[error("a request with this idempotency key is still being processed")]
-    IdempotencyKeyInFlight,
-    #[error("order {order_id} is {status} and cannot become {target}")]
-    InvalidTransition {
-        order_id: i64,
-        status: String,
-        target: &'static str,
+    /// A function's own refusal (see [`Domain`]): its status, code, message and fields.
+    #[error("{detail}")]
+    Domain {
+        status: StatusCode,
+        code: &'static str,
+        detail: String,
+        fields: Map<String, Value>,
     },
     /// The database could not be reached in time; the cause is logged, not shown.
     #[error("the service is temporarily unavailable")]
@@ -59,6 +43,35 @@ pub enum ApiError {
     /// A bug or an unexpected database error; the cause is logged, not shown.
     #[error("internal error")]
     Internal(String),
+}
+
+/// A function's own way to refuse a request (sold out, a duplicate sku, an order that cannot
+/// be cancelled...): the function defines the error type, `shared` only maps it to HTTP,
+/// through `?` like any other [`ApiError`].
+pub trait Domain: std::error::Error {
+    fn status(&self) -> StatusCode;
+    /// The stable machine code clients branch on.
+    fn code(&self) -> &'static str;
+    /// Fields beside `error` and `detail` in the body, e.g. `product_id`.
+    fn fields(&self) -> Map<String, Value> {
+        Map::new()
+    }
+}
+
+/// A [`Domain`] error's fields, from `(name, value)` pairs.
+pub fn fields<const N: usize>(pairs: [(&str, Value); N]) -> Map<String, Value> {
+    pairs.into_iter().map(|(k, v)| (k.to_owned(), v)).collect()
+}
+
+impl<T: Domain> From<T> for ApiError {
+    fn from(e: T) -> Self {
+        ApiError::Domain {
+            status: e.status(),
+            code: e.code(),
+            detail: e.to_string(),
+            fields: e.fields(),
+        }
+    }
 }
 
 /// Seconds a client should wait before retrying a 503.
@@ -76,14 +89,7 @@ impl ApiError {
             UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             RequestTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
-            InsufficientInventory { .. }
-            | IdempotencyKeyInFlight
-            | InvalidTransition { .. }
-            | DuplicateSku { .. }
-            | BackupInProgress => StatusCode::CONFLICT,
-            UnknownUser { .. } | UnknownProduct { .. } | IdempotencyKeyReused(_) => {
-                StatusCode::UNPROCESSABLE_ENTITY
-            }
+            Domain { status, .. } => *status,
             Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -103,47 +109,15 @@ impl ApiError {
             UnsupportedMediaType => "unsupported_media_type",
             PayloadTooLarge { .. } => "payload_too_large",
             RequestTimeout { .. } => "request_timeout",
-            InsufficientInventory { .. } => "insufficient_inventory",
-            UnknownUser { .. } => "unknown_user",
-            UnknownProduct { .. } => "unknown_product",
-            DuplicateSku { .. } => "duplicate_sku",
-            BackupInProgress => "backup_in_progress",
-            IdempotencyKeyReused(_) => "idempotency_key_reused",
-            IdempotencyKeyInFlight => "idempotency_key_in_flight",
-            InvalidTransition { .. } => "invalid_transition",
+            Domain { code, .. } => code,
             Unavailable(_) => "unavailable",
             Internal(_) => "internal_error",
         }
     }
 
     fn extra_fields(&self, body: &mut Map<String, Value>) {
-        use ApiError::*;
-        match self {
-            InsufficientInventory {
-                product_id,
-                requested,
-                available,
-            } => {
-                body.insert("product_id".into(), json!(product_id));
-                body.insert("requested".into(), json!(requested));
-                body.insert("available".into(), json!(available));
-            }
-            UnknownUser { user_id } => {
-                body.insert("user_id".into(), json!(user_id));
-            }
-            UnknownProduct { product_id } => {
-                body.insert("product_id".into(), json!(product_id));
-            }
-            DuplicateSku { sku } => {
-                body.insert("sku".into(), json!(sku));
-            }
-            InvalidTransition {
-                order_id, status, ..
-            } => {
-                body.insert("order_id".into(), json!(order_id));
-                body.insert("order_status".into(), json!(status));
-            }
-            _ => {}
+        if let ApiError::Domain { fields, .. } = self {
+            body.extend(fields.clone());
         }
     }
 
@@ -259,13 +233,40 @@ mod tests {
         (r.status(), r.headers().clone(), v)
     }
 
+    #[derive(Debug, thiserror::Error)]
+    #[error("product {product_id} has {available} in stock, {requested} requested")]
+    struct Short {
+        product_id: i64,
+        requested: i64,
+        available: i64,
+    }
+
+    impl Domain for Short {
+        fn status(&self) -> StatusCode {
+            StatusCode::CONFLICT
+        }
+        fn code(&self) -> &'static str {
+            "insufficient_inventory"
+        }
+        fn fields(&self) -> Map<String, Value> {
+            fields([
+                ("product_id", json!(self.product_id)),
+                ("requested", json!(self.requested)),
+                ("available", json!(self.available)),
+            ])
+        }
+    }
+
     #[test]
-    fn insufficient_inventory_names_product_requested_and_available() {
-        let (status, headers, v) = body_of(ApiError::InsufficientInventory {
-            product_id: 3,
-            requested: 5,
-            available: 2,
-        });
+    fn a_functions_own_error_keeps_its_status_code_and_fields() {
+        let (status, headers, v) = body_of(
+            Short {
+                product_id: 3,
+                requested: 5,
+                available: 2,
+            }
+            .into(),
+        );
         assert_eq!(status, 409);
         assert_eq!(headers[header::CONTENT_TYPE], "application/problem+json");
         assert_eq!(v["error"], "insufficient_inventory");

@@ -9,6 +9,8 @@
 //!   (the same requests under AWS Lambda): the two transports, side by side.
 //! - [`service`]: one request end to end: request id, dispatch, the one error mapping, metrics
 //!   and the access log. A request enters here from either transport.
+//! - [`sql`]: where a handler's SQL runs (checkout, timing, first row or error) and how the
+//!   outcomes SQL answers become the caller's enum.
 //! - [`router`]: `(method, path pattern)` → handler, with 404/405, `/healthz`, `/metrics`, and
 //!   the [`AppState`] handlers get (the pool checkout, where SQL starts).
 //! - [`auth`]: bearer JWT verification and the [`auth::Principal`] a request acts as.
@@ -19,15 +21,16 @@
 //!   with one clear line. [`error`]: [`ApiError`] and its one mapping to `problem+json`.
 //! - Leaves: [`catalog`] (the product as the API shows it), [`telemetry`] (JSON log lines),
 //!   [`migrate`] (the embedded `sql/migrations` and the seed), [`pg`] (URLs, a connection,
-//!   the PostgreSQL binaries), [`encode`] (hex), [`devdb`] (a private PostgreSQL cluster for
-//!   the local runner and the tests).
+//!   the PostgreSQL binaries), [`encode`] (hex).
+//!
+//! Developer tooling (a private PostgreSQL, token minting) lives in the `tally-dev` crate, which
+//! no function binary depends on.
 
 pub mod app;
 pub mod auth;
 pub mod catalog;
 pub mod config;
 pub mod db;
-pub mod devdb;
 pub mod encode;
 pub mod error;
 pub mod http;
@@ -38,6 +41,7 @@ pub mod pg;
 pub mod router;
 pub mod runtime;
 pub mod service;
+pub mod sql;
 pub mod telemetry;
 
 pub use config::Config;

@@ -19,7 +19,8 @@ pub use crate::http::{PathParams, Request, Response};
 
 pub type HandlerResult = Result<Response, ApiError>;
 pub type HandlerFuture = Pin<Box<dyn Future<Output = HandlerResult> + Send>>;
-pub type Handler = fn(Request, AppState) -> HandlerFuture;
+/// A handler as stored: any `async fn(Request, AppState) -> HandlerResult`, boxed once.
+pub type Handler = Arc<dyn Fn(Request, AppState) -> HandlerFuture + Send + Sync>;
 
 /// What every handler gets: the pool, the settings and the token verifier. Cheap to clone.
 #[derive(Clone)]
@@ -85,18 +86,27 @@ pub struct Route {
 }
 
 impl Route {
-    /// A route that needs a bearer token: the default, so that forgetting is safe.
-    pub fn new(method: Method, pattern: &'static str, handler: Handler) -> Self {
+    /// A route that needs a bearer token: the default, so that forgetting is safe. `handler`
+    /// is the function's `async fn(Request, AppState) -> HandlerResult` itself.
+    pub fn new<F, Fut>(method: Method, pattern: &'static str, handler: F) -> Self
+    where
+        F: Fn(Request, AppState) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = HandlerResult> + Send + 'static,
+    {
         Self {
             method,
             pattern,
-            handler,
+            handler: Arc::new(move |request, state| Box::pin(handler(request, state))),
             access: Access::Authenticated,
         }
     }
 
     /// A route anyone may call.
-    pub fn public(method: Method, pattern: &'static str, handler: Handler) -> Self {
+    pub fn public<F, Fut>(method: Method, pattern: &'static str, handler: F) -> Self
+    where
+        F: Fn(Request, AppState) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = HandlerResult> + Send + 'static,
+    {
         Self {
             access: Access::Public,
             ..Self::new(method, pattern, handler)
@@ -134,10 +144,6 @@ impl Router {
     pub fn mount(mut self, routes: impl IntoIterator<Item = Route>) -> Self {
         self.routes.extend(routes);
         self
-    }
-
-    pub fn routes(&self) -> &[Route] {
-        &self.routes
     }
 
     /// Finds the handler for the request, or says 404 / 405 (with the methods the path allows).
@@ -221,7 +227,7 @@ async fn health(state: &AppState) -> HandlerResult {
 mod tests {
     use super::*;
 
-    fn never(_: Request, _: AppState) -> HandlerFuture {
+    async fn never(_: Request, _: AppState) -> HandlerResult {
         unreachable!()
     }
 

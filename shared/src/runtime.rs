@@ -33,20 +33,7 @@ pub async fn serve(
     meters::spawn_upkeep();
     let router = Arc::new(router);
     let header_timeout = state.config.header_read_timeout();
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    // Request heads: at most 64 KiB, and whole within the timeout (a timer makes hyper's
-    // header-read timeout effective). HTTP/2 connections are pinged, so a dead peer goes.
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(header_timeout)
-        .max_buf_size(MAX_HEAD_BYTES);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_header_list_size(MAX_HEAD_BYTES as u32)
-        .keep_alive_interval(std::time::Duration::from_secs(20))
-        .keep_alive_timeout(std::time::Duration::from_secs(10));
+    let builder = connection_builder(header_timeout);
     let slots = Arc::new(tokio::sync::Semaphore::new(state.config.max_connections));
     let graceful = GracefulShutdown::new();
     tokio::pin!(shutdown);
@@ -71,9 +58,7 @@ pub async fn serve(
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let router = router.clone();
-        let state = state.clone();
-        let builder = builder.clone();
+        let (router, state, builder) = (router.clone(), state.clone(), builder.clone());
         let watcher = graceful.watcher();
         tokio::spawn(async move {
             let _slot = slot;
@@ -104,6 +89,25 @@ pub async fn serve(
     {
         tracing::warn!("grace period over with requests still in flight");
     }
+}
+
+/// HTTP/1.1 and HTTP/2 as every connection is served: request heads at most 64 KiB and whole
+/// within `header_timeout` (a timer makes hyper's header-read timeout effective); HTTP/2
+/// connections are pinged, so a dead peer goes.
+fn connection_builder(header_timeout: std::time::Duration) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_timeout)
+        .max_buf_size(MAX_HEAD_BYTES);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(MAX_HEAD_BYTES as u32)
+        .keep_alive_interval(std::time::Duration::from_secs(20))
+        .keep_alive_timeout(std::time::Duration::from_secs(10));
+    builder
 }
 
 /// Answers every request on `listener` with 503 `unavailable` (and `Retry-After`, and

@@ -8,25 +8,71 @@
 
 use http::{HeaderValue, Method, StatusCode, header};
 use serde::Deserialize;
+use serde_json::{Map, Value, json};
 use tally_shared::auth;
 use tally_shared::catalog::{PRODUCT_COLUMNS, Product};
+use tally_shared::error::{Domain, fields};
 use tally_shared::http::{json_body, json_response, path_id};
 use tally_shared::router::HandlerResult;
-use tally_shared::{ApiError, AppState, Request, Route};
+use tally_shared::{ApiError, AppState, Request, Route, outcomes, sql};
 use tokio_postgres::types::Type;
 
 pub fn routes() -> Vec<Route> {
     vec![
-        Route::new(Method::POST, "/products", |r, s| {
-            Box::pin(create_product(r, s))
-        }),
-        Route::new(Method::PATCH, "/products/{id}", |r, s| {
-            Box::pin(update_product(r, s))
-        }),
-        Route::new(Method::POST, "/products/{id}/inventory", |r, s| {
-            Box::pin(adjust_inventory(r, s))
-        }),
+        Route::new(Method::POST, "/products", create_product),
+        Route::new(Method::PATCH, "/products/{id}", update_product),
+        Route::new(Method::POST, "/products/{id}/inventory", adjust_inventory),
     ]
+}
+
+/// admin-products' own refusals.
+#[derive(Debug, thiserror::Error)]
+pub enum ProductError {
+    #[error("a product with sku {sku:?} already exists")]
+    DuplicateSku { sku: String },
+    #[error("product {product_id} has {available} in stock, {requested} requested")]
+    InsufficientInventory {
+        product_id: i64,
+        requested: i64,
+        available: i64,
+    },
+}
+
+impl Domain for ProductError {
+    fn status(&self) -> StatusCode {
+        StatusCode::CONFLICT
+    }
+
+    fn code(&self) -> &'static str {
+        match self {
+            Self::DuplicateSku { .. } => "duplicate_sku",
+            Self::InsufficientInventory { .. } => "insufficient_inventory",
+        }
+    }
+
+    fn fields(&self) -> Map<String, Value> {
+        match self {
+            Self::DuplicateSku { sku } => fields([("sku", json!(sku))]),
+            Self::InsufficientInventory {
+                product_id,
+                requested,
+                available,
+            } => fields([
+                ("product_id", json!(product_id)),
+                ("requested", json!(requested)),
+                ("available", json!(available)),
+            ]),
+        }
+    }
+}
+
+outcomes! {
+    /// What `adjust_inventory` answers.
+    enum Adjusted {
+        Done = "adjusted",
+        NotFound = "not_found",
+        InsufficientInventory = "insufficient_inventory",
+    }
 }
 
 /// Mirrors the `products.price_cents` CHECK constraint.
@@ -118,28 +164,23 @@ async fn create_product(request: Request, state: AppState) -> HandlerResult {
             "inventory must be from 0 to {MAX_INVENTORY}"
         )));
     }
-    let conn = state.db().await?;
     // ON CONFLICT rather than catching the unique violation: a duplicate is an answer, not an
     // error, and leaves nothing in the server log.
-    let sql = format!(
+    let statement = format!(
         "INSERT INTO products (sku, name, price_cents, inventory) VALUES ($1, $2, $3, $4) \
          ON CONFLICT (sku) DO NOTHING RETURNING {PRODUCT_COLUMNS}"
     );
-    let rows = conn
-        .query_typed(
-            &sql,
-            &[
-                (&new.sku, Type::TEXT),
-                (&new.name.trim(), Type::TEXT),
-                (&new.price_cents, Type::INT8),
-                (&new.inventory, Type::INT8),
-            ],
-        )
-        .await?;
+    let params: [(&(dyn tokio_postgres::types::ToSql + Sync), Type); 4] = [
+        (&new.sku, Type::TEXT),
+        (&new.name.trim(), Type::TEXT),
+        (&new.price_cents, Type::INT8),
+        (&new.inventory, Type::INT8),
+    ];
+    let rows = sql::query(&state, "create_product", &statement, &params).await?;
     let product = rows
         .first()
         .map(Product::from)
-        .ok_or(ApiError::DuplicateSku { sku: new.sku })?;
+        .ok_or(ProductError::DuplicateSku { sku: new.sku })?;
     let mut response = json_response(StatusCode::CREATED, &product)?;
     response.headers_mut().insert(
         header::LOCATION,
@@ -173,20 +214,15 @@ async fn update_product(request: Request, state: AppState) -> HandlerResult {
         check_price(price)?;
     }
     let name = changes.name.as_deref().map(str::trim);
-    let conn = state.db().await?;
     let shards = changes.stock_shards.map(|n| n as i32);
-    let sql = format!("SELECT {PRODUCT_COLUMNS} FROM update_product($1, $2, $3, $4)");
-    let rows = conn
-        .query_typed(
-            &sql,
-            &[
-                (&id, Type::INT8),
-                (&name, Type::TEXT),
-                (&changes.price_cents, Type::INT8),
-                (&shards, Type::INT4),
-            ],
-        )
-        .await?;
+    let statement = format!("SELECT {PRODUCT_COLUMNS} FROM update_product($1, $2, $3, $4)");
+    let params: [(&(dyn tokio_postgres::types::ToSql + Sync), Type); 4] = [
+        (&id, Type::INT8),
+        (&name, Type::TEXT),
+        (&changes.price_cents, Type::INT8),
+        (&shards, Type::INT4),
+    ];
+    let rows = sql::query(&state, "update_product", &statement, &params).await?;
     let product = rows.first().map(Product::from).ok_or(ApiError::NotFound)?;
     json_response(StatusCode::OK, &product)
 }
@@ -210,28 +246,21 @@ async fn adjust_inventory(request: Request, state: AppState) -> HandlerResult {
             "note must be at most 500 characters, no control characters".into(),
         ));
     }
-    let conn = state.db().await?;
-    let sql = format!(
+    let statement = format!(
         "SELECT a.outcome, a.inventory, p.sku, p.name, p.price_cents, p.stock_shards \
          FROM adjust_inventory($1, $2, $3, $4) a \
          LEFT JOIN LATERAL (SELECT {PRODUCT_COLUMNS} FROM products WHERE id = $1) p ON true"
     );
-    let rows = conn
-        .query_typed(
-            &sql,
-            &[
-                (&id, Type::INT8),
-                (&adjustment.delta, Type::INT8),
-                (&adjustment.reason.as_str(), Type::TEXT),
-                (&adjustment.note, Type::TEXT),
-            ],
-        )
-        .await?;
-    let row = rows
-        .first()
-        .ok_or_else(|| ApiError::Internal("adjust_inventory returned no row".into()))?;
-    match row.get::<_, &str>(0) {
-        "adjusted" => {
+    let reason = adjustment.reason.as_str();
+    let params: [(&(dyn tokio_postgres::types::ToSql + Sync), Type); 4] = [
+        (&id, Type::INT8),
+        (&adjustment.delta, Type::INT8),
+        (&reason, Type::TEXT),
+        (&adjustment.note, Type::TEXT),
+    ];
+    let row = sql::query_one(&state, "adjust_inventory", &statement, &params).await?;
+    match sql::outcome(&row, 0, "adjust_inventory")? {
+        Adjusted::Done => {
             // The new stock comes from the function: the joined row was read under the
             // statement's snapshot, before the update.
             let product = Product {
@@ -244,14 +273,12 @@ async fn adjust_inventory(request: Request, state: AppState) -> HandlerResult {
             };
             json_response(StatusCode::OK, &product)
         }
-        "not_found" => Err(ApiError::NotFound),
-        "insufficient_inventory" => Err(ApiError::InsufficientInventory {
+        Adjusted::NotFound => Err(ApiError::NotFound),
+        Adjusted::InsufficientInventory => Err(ProductError::InsufficientInventory {
             product_id: id,
             requested: -adjustment.delta,
             available: row.get(1),
-        }),
-        other => Err(ApiError::Internal(format!(
-            "adjust_inventory outcome {other:?}"
-        ))),
+        }
+        .into()),
     }
 }

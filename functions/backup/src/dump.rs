@@ -1,7 +1,6 @@
 //! One backup: `pg_dump -Fc` from an exported snapshot, streamed into a multipart upload
 //! while hashed, then the manifest, then retention. Memory stays bounded whatever the size.
 
-use std::collections::BTreeMap;
 use std::process::Stdio;
 use std::time::{Instant, SystemTime};
 
@@ -11,7 +10,7 @@ use tokio::io::AsyncReadExt;
 use tokio_postgres::Client;
 
 use crate::BackupError;
-use crate::pg::{PgTool, database_name, tool_command};
+use crate::pg::{PgTool, connect, count_rows, database_name, db, migration_version, tool_command};
 use crate::store::{self, Manifest, StoreConfig};
 
 /// Parts of 8 MiB (S3 wants at least 5 MiB but the last), at most two uploading at once:
@@ -43,7 +42,7 @@ pub async fn backup(database_url: &str, config: &StoreConfig) -> Result<BackupRe
     // credentials are wrong.
     store::list_manifests(store.as_ref(), &config.backup_prefix, &database).await?;
 
-    let client = crate::restore::connect(database_url).await?;
+    let client = connect(database_url).await?;
     let locked: bool = client
         .query_one("SELECT pg_try_advisory_lock($1)", &[&BACKUP_LOCK])
         .await
@@ -89,6 +88,8 @@ pub async fn backup(database_url: &str, config: &StoreConfig) -> Result<BackupRe
     Ok(report)
 }
 
+/// The backup's phases: check the tools against the server, take one snapshot for the row
+/// counts and the dump, stream pg_dump into a multipart upload, then write the manifest.
 async fn dump_and_upload(
     client: &Client,
     database_url: &str,
@@ -97,6 +98,42 @@ async fn dump_and_upload(
     config: &StoreConfig,
     started_at: SystemTime,
 ) -> Result<(object_store::path::Path, Manifest), BackupError> {
+    let (server_version, pg_dump) = check_pg_dump(client).await?;
+    // One snapshot for the row counts and the dump: the manifest describes exactly the dump.
+    client
+        .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        .await
+        .map_err(db)?;
+    let snapshot: String = client
+        .query_one("SELECT pg_export_snapshot()", &[])
+        .await
+        .map_err(db)?
+        .get(0);
+    let row_counts = count_rows(client).await?;
+    let migration_version = migration_version(client).await?;
+    let key = store::dump_key(&config.backup_prefix, database, started_at);
+    let streamed = stream_dump(&pg_dump, database_url, &snapshot, config, store, &key).await;
+    // The snapshot is no longer needed once pg_dump has finished with it.
+    let _ = client.batch_execute("COMMIT").await;
+    let (size_bytes, sha256) = streamed?;
+    let manifest = Manifest {
+        database: database.to_owned(),
+        dump_key: key.to_string(),
+        size_bytes,
+        sha256,
+        server_version,
+        pg_dump_version: pg_dump.version,
+        migration_version,
+        row_counts,
+        started_at: humantime::format_rfc3339_millis(started_at).to_string(),
+        finished_at: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+    };
+    let manifest_key = store::write_manifest(store, &manifest).await?;
+    Ok((manifest_key, manifest))
+}
+
+/// The server's version, and a pg_dump at least as new as its major version.
+async fn check_pg_dump(client: &Client) -> Result<(String, PgTool), BackupError> {
     let server_version: String = client
         .query_one("SELECT current_setting('server_version')", &[])
         .await
@@ -117,22 +154,21 @@ async fn dump_and_upload(
             pg_dump.major
         )));
     }
+    Ok((server_version, pg_dump))
+}
 
-    // One snapshot for the row counts and the dump: the manifest describes exactly the dump.
-    client
-        .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
-        .await
-        .map_err(db)?;
-    let snapshot: String = client
-        .query_one("SELECT pg_export_snapshot()", &[])
-        .await
-        .map_err(db)?
-        .get(0);
-    let row_counts = count_rows(client).await?;
-    let migration_version = migration_version(client).await?;
-
-    let key = store::dump_key(&config.backup_prefix, database, started_at);
-    let mut command = tool_command(&pg_dump, database_url)?;
+/// Runs pg_dump on `snapshot` and streams its output into a multipart upload at `key`,
+/// hashing as it goes. Answers the size and SHA-256; on any failure the upload is aborted, so
+/// no partial object is left behind.
+async fn stream_dump(
+    pg_dump: &PgTool,
+    database_url: &str,
+    snapshot: &str,
+    config: &StoreConfig,
+    store: &dyn ObjectStore,
+    key: &object_store::path::Path,
+) -> Result<(u64, String), BackupError> {
+    let mut command = tool_command(pg_dump, database_url)?;
     command
         .args(["--format=custom", "--no-owner", "--no-privileges"])
         // Never queue behind a long-held lock: fail, and let the next run try again.
@@ -146,126 +182,70 @@ async fn dump_and_upload(
     let mut child = command
         .spawn()
         .map_err(|e| BackupError::Dump(format!("starting {}: {e}", pg_dump.path.display())))?;
-    let mut stdout = child.stdout.take().expect("stdout is piped");
+    let stdout = child.stdout.take().expect("stdout is piped");
     let mut stderr = child.stderr.take().expect("stderr is piped");
     let stderr_task = tokio::spawn(async move {
         let mut text = String::new();
         let _ = stderr.read_to_string(&mut text).await;
         text
     });
-
-    let upload = store.put_multipart(&key).await.map_err(store::storage)?;
+    let upload = store.put_multipart(key).await.map_err(store::storage)?;
     let mut writer = WriteMultipart::new_with_chunk_size(upload, PART_SIZE);
-    let mut hash = Sha256::new();
-    let mut size: u64 = 0;
-    let mut buf = vec![0u8; READ_CHUNK];
-    let streamed: Result<(), BackupError> = async {
-        loop {
-            let n = stdout
-                .read(&mut buf)
-                .await
-                .map_err(|e| BackupError::Dump(format!("reading pg_dump: {e}")))?;
-            if n == 0 {
-                return Ok(());
-            }
-            writer
-                .wait_for_capacity(PARTS_IN_FLIGHT)
-                .await
-                .map_err(store::storage)?;
-            hash.update(&buf[..n]);
-            size += n as u64;
-            writer.write(&buf[..n]);
-        }
-    }
-    .await;
     // After a failed upload nobody reads pg_dump's output any more: it would block on a full
-    // pipe and never exit, holding the lock and the snapshot. Close the pipe and stop it.
-    drop(stdout);
+    // pipe and never exit, holding the lock and the snapshot. The pipe is closed (dropped with
+    // `copy`'s reader) and pg_dump stopped.
+    let streamed = copy(stdout, &mut writer).await;
     if streamed.is_err() {
         let _ = child.start_kill();
     }
     let status = child.wait().await;
     let pg_dump_errors = stderr_task.await.unwrap_or_default();
-    // The snapshot is no longer needed once pg_dump has finished with it.
-    let _ = client.batch_execute("COMMIT").await;
-
-    let failure = match (streamed, status) {
-        (Err(e), _) => Some(e),
-        (Ok(()), Err(e)) => Some(BackupError::Dump(format!("waiting for pg_dump: {e}"))),
-        (Ok(()), Ok(s)) if !s.success() => Some(BackupError::Dump(format!(
+    let failure = match (&streamed, status) {
+        (Err(_), _) => None,
+        (Ok(_), Err(e)) => Some(BackupError::Dump(format!("waiting for pg_dump: {e}"))),
+        (Ok(_), Ok(s)) if !s.success() => Some(BackupError::Dump(format!(
             "pg_dump exited with {s}: {}",
             pg_dump_errors.trim()
         ))),
         _ => None,
     };
-    if let Some(e) = failure {
-        // No partial object is left behind, and no manifest is written.
-        if let Err(abort) = writer.abort().await {
-            tracing::warn!(error = %abort, "aborting the multipart upload failed");
+    match (streamed, failure) {
+        (Ok(done), None) => {
+            writer.finish().await.map_err(store::storage)?;
+            Ok(done)
         }
-        return Err(e);
+        (Err(e), _) | (Ok(_), Some(e)) => {
+            if let Err(abort) = writer.abort().await {
+                tracing::warn!(error = %abort, "aborting the multipart upload failed");
+            }
+            Err(e)
+        }
     }
-    writer.finish().await.map_err(store::storage)?;
-
-    let manifest = Manifest {
-        database: database.to_owned(),
-        dump_key: key.to_string(),
-        size_bytes: size,
-        sha256: tally_shared::encode::hex(&hash.finalize()),
-        server_version,
-        pg_dump_version: pg_dump.version,
-        migration_version,
-        row_counts,
-        started_at: humantime::format_rfc3339_millis(started_at).to_string(),
-        finished_at: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
-    };
-    let manifest_key = store::write_manifest(store, &manifest).await?;
-    Ok((manifest_key, manifest))
 }
 
-/// Rows in every user table, as `schema.table`.
-pub async fn count_rows(client: &Client) -> Result<BTreeMap<String, i64>, BackupError> {
-    let tables = client
-        .query(
-            "SELECT format('%I.%I', schemaname, tablename) FROM pg_tables \
-             WHERE schemaname NOT IN ('pg_catalog', 'information_schema') ORDER BY 1",
-            &[],
-        )
-        .await
-        .map_err(db)?;
-    let mut counts = BTreeMap::new();
-    for row in tables {
-        let table: String = row.get(0);
-        // The name comes from the catalog, quoted by format('%I'): safe to interpolate.
-        let n: i64 = client
-            .query_one(&format!("SELECT count(*) FROM {table}"), &[])
+/// Copies pg_dump's output into the upload, a bounded number of parts in flight; answers the
+/// size and the SHA-256 of what was written.
+async fn copy(
+    mut stdout: tokio::process::ChildStdout,
+    writer: &mut WriteMultipart,
+) -> Result<(u64, String), BackupError> {
+    let mut hash = Sha256::new();
+    let mut size: u64 = 0;
+    let mut buf = vec![0u8; READ_CHUNK];
+    loop {
+        let n = stdout
+            .read(&mut buf)
             .await
-            .map_err(db)?
-            .get(0);
-        counts.insert(table, n);
+            .map_err(|e| BackupError::Dump(format!("reading pg_dump: {e}")))?;
+        if n == 0 {
+            return Ok((size, tally_shared::encode::hex(&hash.finalize())));
+        }
+        writer
+            .wait_for_capacity(PARTS_IN_FLIGHT)
+            .await
+            .map_err(store::storage)?;
+        hash.update(&buf[..n]);
+        size += n as u64;
+        writer.write(&buf[..n]);
     }
-    Ok(counts)
-}
-
-async fn migration_version(client: &Client) -> Result<Option<i32>, BackupError> {
-    let exists: bool = client
-        .query_one(
-            "SELECT to_regclass('refinery_schema_history') IS NOT NULL",
-            &[],
-        )
-        .await
-        .map_err(db)?
-        .get(0);
-    if !exists {
-        return Ok(None);
-    }
-    let row = client
-        .query_one("SELECT max(version) FROM refinery_schema_history", &[])
-        .await
-        .map_err(db)?;
-    Ok(row.get(0))
-}
-
-pub fn db(e: tokio_postgres::Error) -> BackupError {
-    BackupError::Database(e.to_string())
 }

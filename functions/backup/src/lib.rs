@@ -47,10 +47,24 @@ pub enum BackupError {
     Verify(String),
 }
 
+/// Another backup holds the lock: a refusal of this function's own (409), not an outage.
+#[derive(Debug, thiserror::Error)]
+#[error("a backup is already running")]
+struct BackupRunning;
+
+impl tally_shared::error::Domain for BackupRunning {
+    fn status(&self) -> StatusCode {
+        StatusCode::CONFLICT
+    }
+    fn code(&self) -> &'static str {
+        "backup_in_progress"
+    }
+}
+
 impl From<BackupError> for ApiError {
     fn from(e: BackupError) -> Self {
         match e {
-            BackupError::InProgress => ApiError::BackupInProgress,
+            BackupError::InProgress => BackupRunning.into(),
             other => ApiError::Unavailable(other.to_string()),
         }
     }
@@ -58,9 +72,7 @@ impl From<BackupError> for ApiError {
 
 /// POST / takes one backup and answers its report (admins only).
 pub fn routes() -> Vec<Route> {
-    vec![Route::new(Method::POST, "/", |r, s| {
-        Box::pin(backup_now(r, s))
-    })]
+    vec![Route::new(Method::POST, "/", backup_now)]
 }
 
 async fn backup_now(request: Request, state: AppState) -> HandlerResult {

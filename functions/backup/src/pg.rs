@@ -1,9 +1,12 @@
-//! The PostgreSQL client tools (`pg_dump`, `pg_restore`): finding them, checking their
-//! version, and starting them without putting a password on their command line.
+//! PostgreSQL from the backup's side: the client tools (`pg_dump`, `pg_restore`: finding them,
+//! checking their version, starting them without a password on their command line), a client
+//! connection, and what a backup records of a database (row counts, migration version).
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use tokio::process::Command;
+use tokio_postgres::Client;
 
 use crate::BackupError;
 
@@ -113,6 +116,61 @@ pub fn database_name(url: &str) -> Result<String, BackupError> {
         .or(config.get_user())
         .map(str::to_owned)
         .ok_or_else(|| BackupError::Config("DATABASE_URL names no database".into()))
+}
+
+/// Rows in every user table, as `schema.table`.
+pub async fn count_rows(client: &Client) -> Result<BTreeMap<String, i64>, BackupError> {
+    let tables = client
+        .query(
+            "SELECT format('%I.%I', schemaname, tablename) FROM pg_tables \
+             WHERE schemaname NOT IN ('pg_catalog', 'information_schema') ORDER BY 1",
+            &[],
+        )
+        .await
+        .map_err(db)?;
+    let mut counts = BTreeMap::new();
+    for row in tables {
+        let table: String = row.get(0);
+        // The name comes from the catalog, quoted by format('%I'): safe to interpolate.
+        let n: i64 = client
+            .query_one(&format!("SELECT count(*) FROM {table}"), &[])
+            .await
+            .map_err(db)?
+            .get(0);
+        counts.insert(table, n);
+    }
+    Ok(counts)
+}
+
+pub async fn migration_version(client: &Client) -> Result<Option<i32>, BackupError> {
+    let exists: bool = client
+        .query_one(
+            "SELECT to_regclass('refinery_schema_history') IS NOT NULL",
+            &[],
+        )
+        .await
+        .map_err(db)?
+        .get(0);
+    if !exists {
+        return Ok(None);
+    }
+    let row = client
+        .query_one("SELECT max(version) FROM refinery_schema_history", &[])
+        .await
+        .map_err(db)?;
+    Ok(row.get(0))
+}
+
+/// A database error as the backup reports it.
+pub fn db(e: tokio_postgres::Error) -> BackupError {
+    BackupError::Database(e.to_string())
+}
+
+/// A client for `url`.
+pub async fn connect(url: &str) -> Result<Client, BackupError> {
+    tally_shared::pg::connect(url)
+        .await
+        .map_err(|e| BackupError::Database(format!("connecting: {e}")))
 }
 
 #[cfg(test)]

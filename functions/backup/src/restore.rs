@@ -15,8 +15,7 @@ use tokio::io::AsyncWriteExt;
 use tokio_postgres::Client;
 
 use crate::BackupError;
-use crate::dump::{count_rows, db};
-use crate::pg::{PgTool, database_name, tool_command};
+use crate::pg::{PgTool, connect, count_rows, database_name, db, tool_command};
 use crate::store::{self, Manifest, StoreConfig};
 use tally_shared::encode::hex;
 use tally_shared::pg::with_database;
@@ -227,12 +226,6 @@ async fn exists(client: &Client, table: &str) -> Result<bool, BackupError> {
         .await
         .map_err(db)?
         .get(0))
-}
-
-pub(crate) async fn connect(url: &str) -> Result<Client, BackupError> {
-    tally_shared::pg::connect(url)
-        .await
-        .map_err(|e| BackupError::Database(format!("connecting: {e}")))
 }
 
 #[derive(Debug, Clone, serde::Serialize)]

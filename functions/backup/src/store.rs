@@ -87,51 +87,53 @@ impl StoreConfig {
                         .map_err(|e| BackupError::Storage(e.to_string()))?,
                 ))
             }
-            "s3" => {
-                let bucket = self
-                    .backup_bucket
-                    .as_ref()
-                    .ok_or_else(|| config("BACKUP_STORE=s3 needs BACKUP_BUCKET"))?;
-                let timeout = Duration::from_secs(self.backup_request_timeout_secs);
-                let mut builder = AmazonS3Builder::new()
-                    .with_bucket_name(bucket)
-                    .with_region(&self.backup_region)
-                    .with_virtual_hosted_style_request(self.backup_virtual_hosted)
-                    .with_client_options(
-                        ClientOptions::new()
-                            .with_connect_timeout(Duration::from_secs(5))
-                            .with_timeout(timeout)
-                            .with_allow_http(
-                                self.backup_endpoint
-                                    .as_deref()
-                                    .is_some_and(|e| e.starts_with("http://")),
-                            ),
-                    )
-                    .with_retry(RetryConfig {
-                        backoff: BackoffConfig::default(),
-                        max_retries: 3,
-                        retry_timeout: timeout,
-                    });
-                if let Some(endpoint) = &self.backup_endpoint {
-                    builder = builder.with_endpoint(endpoint);
-                }
-                if let (Some(id), Some(secret)) =
-                    (&self.aws_access_key_id, &self.aws_secret_access_key)
-                {
-                    builder = builder
-                        .with_access_key_id(id)
-                        .with_secret_access_key(&secret.0);
-                }
-                Ok(Arc::new(
-                    builder
-                        .build()
-                        .map_err(|e| BackupError::Config(e.to_string()))?,
-                ))
-            }
+            "s3" => Ok(Arc::new(
+                self.s3()?
+                    .build()
+                    .map_err(|e| BackupError::Config(e.to_string()))?,
+            )),
             other => Err(BackupError::Config(format!(
                 "BACKUP_STORE={other:?}: use s3 or file"
             ))),
         }
+    }
+
+    /// An S3-compatible store (DigitalOcean Spaces, AWS, s3s-fs in the tests): bounded
+    /// timeouts and retries, plain HTTP only for an `http://` endpoint.
+    fn s3(&self) -> Result<AmazonS3Builder, BackupError> {
+        let bucket = self
+            .backup_bucket
+            .as_ref()
+            .ok_or_else(|| BackupError::Config("BACKUP_STORE=s3 needs BACKUP_BUCKET".into()))?;
+        let timeout = Duration::from_secs(self.backup_request_timeout_secs);
+        let plain_http = self
+            .backup_endpoint
+            .as_deref()
+            .is_some_and(|e| e.starts_with("http://"));
+        let mut builder = AmazonS3Builder::new()
+            .with_bucket_name(bucket)
+            .with_region(&self.backup_region)
+            .with_virtual_hosted_style_request(self.backup_virtual_hosted)
+            .with_client_options(
+                ClientOptions::new()
+                    .with_connect_timeout(Duration::from_secs(5))
+                    .with_timeout(timeout)
+                    .with_allow_http(plain_http),
+            )
+            .with_retry(RetryConfig {
+                backoff: BackoffConfig::default(),
+                max_retries: 3,
+                retry_timeout: timeout,
+            });
+        if let Some(endpoint) = &self.backup_endpoint {
+            builder = builder.with_endpoint(endpoint);
+        }
+        if let (Some(id), Some(secret)) = (&self.aws_access_key_id, &self.aws_secret_access_key) {
+            builder = builder
+                .with_access_key_id(id)
+                .with_secret_access_key(&secret.0);
+        }
+        Ok(builder)
     }
 }
 

@@ -7,19 +7,57 @@
 
 use http::{Method, StatusCode};
 use serde::Deserialize;
+use serde_json::{Map, Value, json};
 use tally_shared::auth;
+use tally_shared::error::{Domain, fields};
 use tally_shared::http::{json_body, path_id, raw_json_response};
 use tally_shared::router::HandlerResult;
-use tally_shared::{ApiError, AppState, Request, Route, meters};
+use tally_shared::{ApiError, AppState, Request, Route, outcomes, sql};
 use tokio_postgres::types::Type;
 
 pub fn routes() -> Vec<Route> {
-    vec![Route::new(Method::POST, "/orders/{id}/cancel", |r, s| {
-        Box::pin(cancel_order(r, s))
-    })]
+    vec![Route::new(
+        Method::POST,
+        "/orders/{id}/cancel",
+        cancel_order,
+    )]
 }
 
 const CANCEL_SQL: &str = "SELECT outcome, status, user_id, body FROM cancel_order_as($1, $2, $3)";
+
+outcomes! {
+    /// What `cancel_order_as` answers.
+    enum Outcome {
+        Released = "released",
+        NotFound = "not_found",
+        InvalidTransition = "invalid_transition",
+        NothingShipped = "nothing_shipped",
+        RestockRequired = "restock_required",
+    }
+}
+
+/// The order is not in a state it can be cancelled from (already cancelled, or failed).
+#[derive(Debug, thiserror::Error)]
+#[error("order {order_id} is {status} and cannot become CANCELLED")]
+pub struct InvalidTransition {
+    order_id: i64,
+    status: String,
+}
+
+impl Domain for InvalidTransition {
+    fn status(&self) -> StatusCode {
+        StatusCode::CONFLICT
+    }
+    fn code(&self) -> &'static str {
+        "invalid_transition"
+    }
+    fn fields(&self) -> Map<String, Value> {
+        fields([
+            ("order_id", json!(self.order_id)),
+            ("order_status", json!(self.status)),
+        ])
+    }
+}
 
 /// The optional body. Unknown fields are refused so that a typo cannot silently restock.
 #[derive(Debug, Default, Deserialize)]
@@ -38,34 +76,25 @@ pub async fn cancel_order(request: Request, state: AppState) -> HandlerResult {
     } else {
         json_body::<CancelBody>(&request)?.restock
     };
-    let conn = state.db().await?;
     let params: [(&(dyn tokio_postgres::types::ToSql + Sync), Type); 3] = [
         (&id, Type::INT8),
         (&actor, Type::INT8),
         (&restock, Type::BOOL),
     ];
-    let rows = meters::timed("cancel_order", conn.query_typed(CANCEL_SQL, &params)).await?;
-    drop(conn);
-    let row = rows
-        .first()
-        .ok_or_else(|| ApiError::Internal("cancel_order returned no row".into()))?;
-    let outcome: &str = row.get(0);
-    match outcome {
-        "released" => Ok(raw_json_response(StatusCode::OK, row.get::<_, String>(3))),
-        "not_found" => Err(ApiError::NotFound),
-        "invalid_transition" => Err(ApiError::InvalidTransition {
+    let row = sql::query_one(&state, "cancel_order", CANCEL_SQL, &params).await?;
+    match sql::outcome(&row, 0, "cancel_order")? {
+        Outcome::Released => Ok(raw_json_response(StatusCode::OK, row.get::<_, String>(3))),
+        Outcome::NotFound => Err(ApiError::NotFound),
+        Outcome::InvalidTransition => Err(InvalidTransition {
             order_id: id,
             status: row.get(1),
-            target: "CANCELLED",
-        }),
-        "nothing_shipped" => Err(ApiError::InvalidRequest(
+        }
+        .into()),
+        Outcome::NothingShipped => Err(ApiError::InvalidRequest(
             "the order is PENDING and not in fulfilment: nothing has left, so its stock returns; send no restock, or restock: true".into(),
         )),
-        "restock_required" => Err(ApiError::InvalidRequest(
+        Outcome::RestockRequired => Err(ApiError::InvalidRequest(
             "the order is in fulfilment (CONFIRMED, or claimed by the processor): cancelling it is a return, so say whether the goods came back with {\"restock\": true} or {\"restock\": false}".into(),
         )),
-        other => Err(ApiError::Internal(format!(
-            "cancel_order outcome {other:?}"
-        ))),
     }
 }

@@ -17,15 +17,16 @@ use sha2::{Digest, Sha256};
 use tally_shared::auth::{self, Principal};
 use tally_shared::http::{json_body, raw_json_response};
 use tally_shared::router::HandlerResult;
-use tally_shared::{ApiError, AppState, Request, Route, meters};
+use tally_shared::{ApiError, AppState, Request, Response, Route, meters, outcomes, sql};
 use tokio_postgres::types::Type;
 
+mod error;
 mod gate;
 
+use error::OrderError;
+
 pub fn routes() -> Vec<Route> {
-    vec![Route::new(Method::POST, "/orders", |r, s| {
-        Box::pin(create_order(r, s))
-    })]
+    vec![Route::new(Method::POST, "/orders", create_order)]
 }
 
 pub const MAX_LINES: usize = 100;
@@ -106,6 +107,15 @@ impl OrderRequest {
 }
 
 impl OrderRequest {
+    /// The three parameters every placing call starts with: user, product ids, quantities.
+    fn params(&self) -> [(&(dyn tokio_postgres::types::ToSql + Sync), Type); 3] {
+        [
+            (&self.user_id, Type::INT8),
+            (&self.product_ids, Type::INT8_ARRAY),
+            (&self.quantities, Type::INT4_ARRAY),
+        ]
+    }
+
     /// A hash of the request as the API understands it: method, path and the canonical body
     /// (lines merged and sorted), so reformatted JSON or reordered lines are the same request.
     fn fingerprint(&self) -> String {
@@ -150,97 +160,115 @@ pub const PLACE_ORDER_SQL: &str = "SELECT outcome, order_id, created_at, total_c
 const PLACE_ORDER_KEYED_SQL: &str =
     "SELECT outcome, order_id, body FROM place_order_keyed($1, $2, $3, $4, $5, $6)";
 
+outcomes! {
+    /// What `place_order_lean` and `place_order_keyed` answer.
+    enum Outcome {
+        Created = "created",
+        Replayed = "replayed",
+        InsufficientInventory = "insufficient_inventory",
+        UnknownUser = "unknown_user",
+        UnknownProduct = "unknown_product",
+        IdempotencyKeyReused = "idempotency_key_reused",
+        IdempotencyKeyInFlight = "idempotency_key_in_flight",
+    }
+}
+
 pub async fn create_order(request: Request, state: AppState) -> HandlerResult {
     let caller = auth::principal(&request)?;
     let order = OrderRequest::new(json_body::<OrderBody>(&request)?, caller)?;
-    let key = idempotency_key(&request)?;
-    if key.is_none()
-        && let [product_id] = order.product_ids[..]
-    {
-        let turn = gate::enter(product_id, state.config.pool_timeout()).await?;
-        let conn = state.db().await?;
-        let params: [(&(dyn tokio_postgres::types::ToSql + Sync), Type); 3] = [
-            (&order.user_id, Type::INT8),
-            (&product_id, Type::INT8),
-            (&order.quantities[0], Type::INT4),
-        ];
-        match meters::timed("place_order_one", conn.query_typed(PLACE_ONE_SQL, &params)).await {
-            Ok(rows) => {
-                drop((conn, turn));
-                let row = rows
-                    .first()
-                    .ok_or_else(|| ApiError::Internal("place_order_one returned no row".into()))?;
-                gate::learn(product_id, row.get(4));
-                count("created");
-                let placed = Placed::one(row, &order);
-                return Ok(created(placed.order_id, placed.to_json()?, false));
+    match idempotency_key(&request)? {
+        // Keys belong to the caller, who may be an admin ordering for someone else.
+        Some(key) => place_keyed(&state, &order, caller.user_id, &key).await,
+        None => {
+            if let [product_id] = order.product_ids[..]
+                && let Some(response) = place_one(&state, &order, product_id).await?
+            {
+                return Ok(response);
             }
-            Err(e) if e.code().is_some_and(|c| HANDED_BACK.contains(&c.code())) => {
-                counter!("tally_orders_handed_back_total").increment(1);
-            }
-            Err(e) => return Err(e.into()),
+            place_lean(&state, &order).await
         }
     }
-    let conn = state.db().await?;
-    // query_typed sends parse, bind and execute together with an unnamed statement: one round
-    // trip, and nothing left prepared on the server (safe behind PgBouncer in transaction mode).
-    let order_params: [(&(dyn tokio_postgres::types::ToSql + Sync), Type); 3] = [
+}
+
+/// A one-line order through `place_order_one`, after its turn at the product's gate; None when
+/// the function hands it back (its writes rolled back) for `place_order_lean` to answer.
+async fn place_one(
+    state: &AppState,
+    order: &OrderRequest,
+    product_id: i64,
+) -> Result<Option<Response>, ApiError> {
+    let turn = gate::enter(product_id, state.config.pool_timeout()).await?;
+    let params: [(&(dyn tokio_postgres::types::ToSql + Sync), Type); 3] = [
         (&order.user_id, Type::INT8),
-        (&order.product_ids, Type::INT8_ARRAY),
-        (&order.quantities, Type::INT4_ARRAY),
+        (&product_id, Type::INT8),
+        (&order.quantities[0], Type::INT4),
     ];
-    let rows = match &key {
-        None => {
-            meters::timed(
-                "place_order",
-                conn.query_typed(PLACE_ORDER_SQL, &order_params),
-            )
-            .await?
+    // Not sql::query: a hand-back is an error code this path must see.
+    let conn = state.db().await?;
+    match meters::timed("place_order_one", conn.query_typed(PLACE_ONE_SQL, &params)).await {
+        Ok(rows) => {
+            drop((conn, turn));
+            let row = rows
+                .first()
+                .ok_or_else(|| ApiError::Internal("place_order_one returned no row".into()))?;
+            gate::learn(product_id, row.get(4));
+            count(Outcome::Created);
+            let placed = Placed::one(row, order);
+            Ok(Some(created(placed.order_id, placed.to_json()?, false)))
         }
-        Some(key) => {
-            // Keys belong to the caller, who may be an admin ordering for someone else.
-            let fingerprint = order.fingerprint();
-            let mut params = vec![(&caller.user_id as _, Type::INT8)];
-            params.extend(order_params);
-            params.push((key, Type::TEXT));
-            params.push((&fingerprint, Type::TEXT));
-            meters::timed(
-                "place_order_keyed",
-                conn.query_typed(PLACE_ORDER_KEYED_SQL, &params),
-            )
-            .await?
+        Err(e) if e.code().is_some_and(|c| HANDED_BACK.contains(&c.code())) => {
+            counter!("tally_orders_handed_back_total").increment(1);
+            Ok(None)
         }
-    };
-    drop(conn);
-    let row = rows
-        .first()
-        .ok_or_else(|| ApiError::Internal("place_order returned no row".into()))?;
-    let outcome: &str = row.get(0);
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Any unkeyed order through `place_order_lean`; the 201 body is built here from its columns.
+async fn place_lean(state: &AppState, order: &OrderRequest) -> HandlerResult {
+    let row = sql::query_one(state, "place_order", PLACE_ORDER_SQL, &order.params()).await?;
+    let outcome = sql::outcome(&row, 0, "place_order")?;
     count(outcome);
-    // place_order_keyed answers (outcome, order_id, body); place_order_lean (outcome, order_id,
-    // created_at, total_cents, product_ids, quantities, unit_prices, details).
-    let (body, details) = match (&key, outcome) {
-        (None, "created") => (Some(Placed::from_row(row, order.user_id)?.to_json()?), None),
-        (None, _) => (None, row.get::<_, Option<String>>(7)),
-        (Some(_), "created" | "replayed") => (row.get::<_, Option<String>>(2), None),
-        (Some(_), _) => (None, row.get::<_, Option<String>>(2)),
-    };
     match outcome {
-        "created" | "replayed" => Ok(created(
-            row.get(1),
-            body.unwrap_or_default(),
-            outcome == "replayed",
-        )),
-        "idempotency_key_reused" => Err(ApiError::IdempotencyKeyReused(
-            "this Idempotency-Key was used for a different request".into(),
-        )),
-        "idempotency_key_in_flight" => Err(ApiError::IdempotencyKeyInFlight),
-        rejected => Err(rejection(rejected, details.as_deref().unwrap_or("{}"))),
+        Outcome::Created => {
+            let body = Placed::from_row(&row, order.user_id)?.to_json()?;
+            Ok(created(row.get(1), body, false))
+        }
+        refused => Err(OrderError::from_outcome(refused, row.get(7))),
+    }
+}
+
+/// A keyed order through `place_order_keyed`, which stores the response for replays.
+async fn place_keyed(
+    state: &AppState,
+    order: &OrderRequest,
+    caller: i64,
+    key: &str,
+) -> HandlerResult {
+    let fingerprint = order.fingerprint();
+    let key = key.to_owned();
+    let mut params = vec![(&caller as _, Type::INT8)];
+    params.extend(order.params());
+    params.push((&key, Type::TEXT));
+    params.push((&fingerprint, Type::TEXT));
+    let row = sql::query_one(state, "place_order_keyed", PLACE_ORDER_KEYED_SQL, &params).await?;
+    let outcome = sql::outcome(&row, 0, "place_order_keyed")?;
+    count(outcome);
+    match outcome {
+        Outcome::Created | Outcome::Replayed => {
+            let body: Option<String> = row.get(2);
+            Ok(created(
+                row.get(1),
+                body.unwrap_or_default(),
+                outcome == Outcome::Replayed,
+            ))
+        }
+        refused => Err(OrderError::from_outcome(refused, row.get(2))),
     }
 }
 
 /// 201 with the order's `Location`, and `Idempotent-Replayed` on a replay.
-fn created(order_id: i64, body: String, replayed: bool) -> tally_shared::router::Response {
+fn created(order_id: i64, body: String, replayed: bool) -> Response {
     let mut response = raw_json_response(StatusCode::CREATED, body);
     let headers = response.headers_mut();
     headers.insert(
@@ -254,16 +282,16 @@ fn created(order_id: i64, body: String, replayed: bool) -> tally_shared::router:
     response
 }
 
-fn count(outcome: &str) {
+fn count(outcome: Outcome) {
     match outcome {
-        "created" => counter!("tally_orders_placed_total").increment(1),
-        "replayed" => counter!("tally_orders_replayed_total").increment(1),
-        "insufficient_inventory" => {
-            counter!("tally_inventory_conflicts_total").increment(1);
-            counter!("tally_orders_rejected_total", "reason" => "insufficient_inventory")
-                .increment(1);
+        Outcome::Created => counter!("tally_orders_placed_total").increment(1),
+        Outcome::Replayed => counter!("tally_orders_replayed_total").increment(1),
+        refused => {
+            if refused == Outcome::InsufficientInventory {
+                counter!("tally_inventory_conflicts_total").increment(1);
+            }
+            counter!("tally_orders_rejected_total", "reason" => refused.as_str()).increment(1);
         }
-        other => counter!("tally_orders_rejected_total", "reason" => other.to_owned()).increment(1),
     }
 }
 
@@ -335,35 +363,6 @@ impl Placed {
 
     fn to_json(&self) -> Result<String, ApiError> {
         serde_json::to_string(self).map_err(|e| ApiError::Internal(format!("encoding: {e}")))
-    }
-}
-
-/// The details `place_order` returns with an error outcome.
-#[derive(Deserialize, Default)]
-#[serde(default)]
-struct Rejection {
-    user_id: i64,
-    product_id: i64,
-    requested: i64,
-    available: i64,
-}
-
-fn rejection(outcome: &str, details: &str) -> ApiError {
-    let r: Rejection = match serde_json::from_str(details) {
-        Ok(r) => r,
-        Err(e) => return ApiError::Internal(format!("place_order details {details:?}: {e}")),
-    };
-    match outcome {
-        "insufficient_inventory" => ApiError::InsufficientInventory {
-            product_id: r.product_id,
-            requested: r.requested,
-            available: r.available,
-        },
-        "unknown_user" => ApiError::UnknownUser { user_id: r.user_id },
-        "unknown_product" => ApiError::UnknownProduct {
-            product_id: r.product_id,
-        },
-        other => ApiError::Internal(format!("place_order outcome {other:?}")),
     }
 }
 

@@ -5,13 +5,11 @@ use http::{Method, StatusCode};
 use tally_shared::auth;
 use tally_shared::http::{path_id, raw_json_response};
 use tally_shared::router::HandlerResult;
-use tally_shared::{ApiError, AppState, Request, Route, meters};
+use tally_shared::{ApiError, AppState, Request, Route, sql};
 use tokio_postgres::types::Type;
 
 pub fn routes() -> Vec<Route> {
-    vec![Route::new(Method::GET, "/orders/{id}", |r, s| {
-        Box::pin(get_order(r, s))
-    })]
+    vec![Route::new(Method::GET, "/orders/{id}", get_order)]
 }
 
 /// `order_document` (a migration) builds the body in Postgres: one round trip, no re-encoding.
@@ -20,12 +18,7 @@ const ORDER_SQL: &str = "SELECT user_id, body FROM order_document($1)";
 pub async fn get_order(request: Request, state: AppState) -> HandlerResult {
     let caller = auth::principal(&request)?;
     let id = path_id(&request, "id")?;
-    let conn = state.db().await?;
-    let rows = meters::timed(
-        "order_document",
-        conn.query_typed(ORDER_SQL, &[(&id, Type::INT8)]),
-    )
-    .await?;
+    let rows = sql::query(&state, "order_document", ORDER_SQL, &[(&id, Type::INT8)]).await?;
     let row = rows.first().ok_or(ApiError::NotFound)?;
     // Someone else's order is answered exactly as a missing one: its existence is not revealed.
     if !caller.may_access(row.get(0)) {

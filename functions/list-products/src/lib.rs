@@ -4,17 +4,13 @@
 use http::{HeaderValue, Method, StatusCode, header};
 use tally_shared::catalog::Product;
 use tally_shared::http::{json_response, path_id, query_pairs};
-use tally_shared::{ApiError, AppState, Request, Route, meters};
+use tally_shared::{ApiError, AppState, Request, Route, sql};
 use tokio_postgres::types::Type;
 
 pub fn routes() -> Vec<Route> {
     vec![
-        Route::public(Method::GET, "/products", |r, s| {
-            Box::pin(list_products(r, s))
-        }),
-        Route::public(Method::GET, "/products/{id}", |r, s| {
-            Box::pin(get_product(r, s))
-        }),
+        Route::public(Method::GET, "/products", list_products),
+        Route::public(Method::GET, "/products/{id}", get_product),
     ]
 }
 
@@ -77,14 +73,12 @@ pub async fn list_products(
     state: AppState,
 ) -> tally_shared::router::HandlerResult {
     let page = Page::from_request(&request)?;
-    let conn = state.db().await?;
     // One row more than asked tells whether there is a next page.
     let params: [(&(dyn tokio_postgres::types::ToSql + Sync), Type); 2] = [
         (&page.after_id, Type::INT8),
         (&(page.limit + 1), Type::INT8),
     ];
-    let rows = meters::timed("list_products", conn.query_typed(LIST_SQL, &params)).await?;
-    drop(conn);
+    let rows = sql::query(&state, "list_products", LIST_SQL, &params).await?;
     let has_more = rows.len() as i64 > page.limit;
     let products: Vec<Product> = rows
         .iter()
@@ -106,12 +100,7 @@ pub async fn list_products(
 
 pub async fn get_product(request: Request, state: AppState) -> tally_shared::router::HandlerResult {
     let id = path_id(&request, "id")?;
-    let conn = state.db().await?;
-    let rows = meters::timed(
-        "get_product",
-        conn.query_typed(GET_SQL, &[(&id, Type::INT8)]),
-    )
-    .await?;
+    let rows = sql::query(&state, "get_product", GET_SQL, &[(&id, Type::INT8)]).await?;
     let product = rows.first().map(Product::from).ok_or(ApiError::NotFound)?;
     json_response(StatusCode::OK, &product)
 }

@@ -19,7 +19,7 @@ use metrics::counter;
 use serde::{Deserialize, Serialize};
 use tally_shared::http::json_response;
 use tally_shared::router::HandlerResult;
-use tally_shared::{ApiError, AppState, Pool, Request, Route, app, auth};
+use tally_shared::{ApiError, AppState, Pool, Request, Route, app, auth, outcomes, sql};
 use tokio_postgres::types::Type;
 
 /// The processor's own settings, from the environment.
@@ -164,31 +164,86 @@ pub async fn sweep(
     result
 }
 
+/// A sweep's phases: expire and claim on one connection, run the steps with no connection
+/// held, then record what they decided.
 async fn sweep_inner(
     pool: &Pool,
     config: &ProcessorConfig,
     step: &dyn FulfilmentStep,
 ) -> Result<SweepSummary, ApiError> {
     let mut summary = SweepSummary::default();
-    let conn = pool.get().await?;
+    let (claimed, claimed_at) = {
+        let conn = pool.get().await?;
+        summary.expired = expire(&conn, config).await?;
+        (claim(&conn, config).await?, std::time::Instant::now())
+    };
+    summary.claimed = claimed.len() as u64;
+    // The lease, less a margin for recording the outcome: a step must not start after it.
+    let lease = Duration::from_secs_f64(config.claim_lease_secs * 0.9);
+    let mut decided = Decided::default();
+    for order in &claimed {
+        if claimed_at.elapsed() >= lease {
+            // Another processor may claim it now; this one leaves it alone.
+            summary.lapsed += 1;
+            continue;
+        }
+        match step.run(order).await {
+            StepOutcome::Confirmed => decided.confirmed.push((order.id, order.attempts)),
+            StepOutcome::Failed(reason) => decided.failed.push((order.id, order.attempts, reason)),
+            StepOutcome::RetryLater(reason) => {
+                decided.retry.push((order.id, order.attempts, reason))
+            }
+        }
+    }
+    record(&*pool.get().await?, config, decided, &mut summary).await?;
+    Ok(summary)
+}
+
+outcomes! {
+    /// What `fail_claimed_order` answers.
+    enum Failed {
+        Released = "released",
+        ClaimLost = "claim_lost",
+        NotFound = "not_found",
+        InvalidTransition = "invalid_transition",
+    }
+}
+
+/// What the steps decided, per claimed order: (id, claim token) and a reason where one fails.
+#[derive(Default)]
+struct Decided {
+    confirmed: Vec<(i64, i32)>,
+    failed: Vec<(i64, i32, String)>,
+    retry: Vec<(i64, i32, String)>,
+}
+
+/// Expires up to a batch of PENDING orders past their time to live, one at a time.
+async fn expire(conn: &tokio_postgres::Client, config: &ProcessorConfig) -> Result<u64, ApiError> {
+    let mut expired = 0;
     for _ in 0..config.process_batch_size {
         let row = conn
             .query_typed(EXPIRE_SQL, &[(&config.order_ttl_secs, Type::FLOAT8)])
             .await?;
         match row.first().and_then(|r| r.get::<_, Option<i64>>(0)) {
-            Some(_) => summary.expired += 1,
+            Some(_) => expired += 1,
             None => break,
         }
     }
-    let claimed: Vec<ClaimedOrder> = conn
-        .query_typed(
-            CLAIM_SQL,
-            &[
-                (&config.order_ttl_secs, Type::FLOAT8),
-                (&config.claim_lease_secs, Type::FLOAT8),
-                (&config.process_batch_size, Type::INT8),
-            ],
-        )
+    Ok(expired)
+}
+
+/// Claims up to a batch of PENDING orders for the lease.
+async fn claim(
+    conn: &tokio_postgres::Client,
+    config: &ProcessorConfig,
+) -> Result<Vec<ClaimedOrder>, ApiError> {
+    let params: [(&(dyn tokio_postgres::types::ToSql + Sync), Type); 3] = [
+        (&config.order_ttl_secs, Type::FLOAT8),
+        (&config.claim_lease_secs, Type::FLOAT8),
+        (&config.process_batch_size, Type::INT8),
+    ];
+    Ok(conn
+        .query_typed(CLAIM_SQL, &params)
         .await?
         .iter()
         .map(|r| ClaimedOrder {
@@ -197,62 +252,46 @@ async fn sweep_inner(
             total_cents: r.get(2),
             attempts: r.get(3),
         })
-        .collect();
-    // The lease, less a margin for recording the outcome: a step must not start after it.
-    let claimed_at = std::time::Instant::now();
-    let lease = Duration::from_secs_f64(config.claim_lease_secs * 0.9);
-    // The connection goes back to the pool while the steps run.
-    drop(conn);
-    summary.claimed = claimed.len() as u64;
+        .collect())
+}
 
-    let (mut confirmed, mut tokens) = (Vec::new(), Vec::new());
-    let mut failed = Vec::new();
-    let mut retry = Vec::new();
-    for order in &claimed {
-        if claimed_at.elapsed() >= lease {
-            // Another processor may claim it now; this one leaves it alone.
-            summary.lapsed += 1;
-            continue;
-        }
-        match step.run(order).await {
-            StepOutcome::Confirmed => {
-                confirmed.push(order.id);
-                tokens.push(order.attempts);
-            }
-            StepOutcome::Failed(reason) => failed.push((order.id, order.attempts, reason)),
-            StepOutcome::RetryLater(reason) => retry.push((order.id, order.attempts, reason)),
-        }
-    }
-
-    let conn = pool.get().await?;
-    if !confirmed.is_empty() {
+/// Writes what the steps decided (each only while its claim token still holds), and forgets
+/// idempotency keys past their retention.
+async fn record(
+    conn: &tokio_postgres::Client,
+    config: &ProcessorConfig,
+    decided: Decided,
+    summary: &mut SweepSummary,
+) -> Result<(), ApiError> {
+    if !decided.confirmed.is_empty() {
+        let (ids, tokens): (Vec<i64>, Vec<i32>) = decided.confirmed.into_iter().unzip();
         summary.confirmed = conn
             .execute_typed(
                 CONFIRM_SQL,
-                &[(&confirmed, Type::INT8_ARRAY), (&tokens, Type::INT4_ARRAY)],
+                &[(&ids, Type::INT8_ARRAY), (&tokens, Type::INT4_ARRAY)],
             )
             .await?;
     }
-    for (id, attempts, reason) in failed {
+    for (id, attempts, reason) in decided.failed {
         let rows = conn
             .query_typed(FAIL_SQL, &[(&id, Type::INT8), (&attempts, Type::INT4)])
             .await?;
-        if rows.first().map(|r| r.get::<_, &str>(0)) == Some("released") {
+        let row = rows
+            .first()
+            .ok_or_else(|| ApiError::Internal("fail_claimed_order returned no row".into()))?;
+        // Otherwise the claim was lost (or the order already left PENDING): nothing changed.
+        if sql::outcome::<Failed>(row, 0, "fail_claimed_order")? == Failed::Released {
             summary.failed += 1;
         }
         tracing::info!(order_id = id, reason, "order failed by the fulfilment step");
     }
-    for (id, attempts, reason) in retry {
-        summary.retried += conn
-            .execute_typed(
-                RETRY_SQL,
-                &[
-                    (&id, Type::INT8),
-                    (&reason, Type::TEXT),
-                    (&attempts, Type::INT4),
-                ],
-            )
-            .await?;
+    for (id, attempts, reason) in decided.retry {
+        let params: [(&(dyn tokio_postgres::types::ToSql + Sync), Type); 3] = [
+            (&id, Type::INT8),
+            (&reason, Type::TEXT),
+            (&attempts, Type::INT4),
+        ];
+        summary.retried += conn.execute_typed(RETRY_SQL, &params).await?;
     }
     summary.keys_deleted = conn
         .execute_typed(
@@ -260,7 +299,7 @@ async fn sweep_inner(
             &[(&config.idempotency_retention_secs, Type::FLOAT8)],
         )
         .await?;
-    Ok(summary)
+    Ok(())
 }
 
 /// Sweeps every `every` until `shutdown` resolves; a failed sweep is logged and retried.
@@ -294,9 +333,7 @@ pub async fn run_every(
 /// POST / runs one sweep and answers its summary (for a Knative PingSource or a CronJob).
 /// It needs an admin token, like every endpoint that changes state.
 pub fn routes() -> Vec<Route> {
-    vec![Route::new(Method::POST, "/", |r, s| {
-        Box::pin(sweep_once(r, s))
-    })]
+    vec![Route::new(Method::POST, "/", sweep_once)]
 }
 
 async fn sweep_once(request: Request, state: AppState) -> HandlerResult {

@@ -348,7 +348,7 @@ async fn metrics_count_requests_orders_and_rejections_exactly() {
     let client = tally_shared::pg::connect(&db_url).await.unwrap();
     tally_shared::migrate::seed_if_empty(&client).await.unwrap();
     let config = crate::helpers::test_config(&db_url, &[]);
-    let token = tally_shared::auth::mint(
+    let token = tally_dev::token::mint(
         &config,
         1,
         tally_shared::auth::Role::Customer,

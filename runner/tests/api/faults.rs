@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use tally_shared::devdb::PrivatePostgres;
+use tally_dev::devdb::PrivatePostgres;
 
 use crate::helpers::{TestApp, admin_url, fresh_database};
 

@@ -12,8 +12,8 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use serde_json::Value;
-use tally_shared::auth::{self, Role};
-use tally_shared::devdb::PrivatePostgres;
+use tally_dev::devdb::PrivatePostgres;
+use tally_shared::auth::Role;
 use tally_shared::{Config, migrate, runtime};
 
 /// A header value that tells [`TestApp::request`] to send no such header at all.
@@ -341,7 +341,7 @@ impl TestApp {
 
     /// A valid token for `user_id` with `role`, signed with the test secret.
     pub fn token(&self, user_id: i64, role: Role) -> String {
-        auth::mint(
+        tally_dev::token::mint(
             &test_config("postgres://x@localhost/x", &[]),
             user_id,
             role,

@@ -34,7 +34,7 @@ impl PrivatePostgres {
     /// Prepares (initdb if needed) but does not start a cluster. `extra_options` are passed to
     /// the server, e.g. `-c fsync=off` for throwaway test clusters.
     pub fn new(datadir: &Path, port: u16, extra_options: &str) -> Result<Self, DevDbError> {
-        let bindir = crate::pg::find_bindir().ok_or(DevDbError::NoServerBinaries)?;
+        let bindir = tally_shared::pg::find_bindir().ok_or(DevDbError::NoServerBinaries)?;
         std::fs::create_dir_all(datadir)?;
         let datadir = datadir.canonicalize()?;
         let run_as = if is_root() {
@@ -136,10 +136,6 @@ impl PrivatePostgres {
             .arg("status")
             .output()
             .is_ok_and(|o| o.status.success())
-    }
-
-    pub fn port(&self) -> u16 {
-        self.port
     }
 
     /// A URL for `database` on this cluster.
