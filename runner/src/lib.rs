@@ -80,9 +80,11 @@ fn token(mut args: impl Iterator<Item = String>) -> ExitCode {
         eprintln!("usage: tally token --sub ID [--role customer|admin] [--ttl 1h]");
         return ExitCode::FAILURE;
     };
-    let minted = app::start("tally token", app::Logs::Stderr)
-        .map_err(|_| "see above".to_owned())
-        .and_then(|(c, _)| tally_dev::token::mint(&c, sub, role, ttl).map_err(|e| e.to_string()));
+    // app::start has said what was wrong with the settings, if anything.
+    let Ok((config, _)) = app::start("tally token", app::Logs::Stderr) else {
+        return ExitCode::FAILURE;
+    };
+    let minted = tally_dev::token::mint(&config, sub, role, ttl);
     match minted {
         Ok(token) => {
             println!("{token}");

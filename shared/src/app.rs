@@ -8,7 +8,7 @@ use std::process::ExitCode;
 
 use tokio::net::TcpListener;
 
-use crate::config::Config;
+use crate::config::{Config, ConfigError};
 use crate::router::{Access, AppState, Route, Router};
 use crate::{db, lambda, meters, runtime, telemetry};
 
@@ -40,7 +40,7 @@ impl App {
         T: serde::de::DeserializeOwned + Clone + Send + Sync + 'static,
     {
         self.settings.push(|mut extensions| {
-            extensions.insert(settings::<T>()?);
+            extensions.insert(settings::<T>().map_err(|e| e.to_string())?);
             Ok(extensions)
         });
         self
@@ -97,8 +97,8 @@ impl App {
 
 /// Settings of a function's own from the environment (`envy`: upper-case field names). Read
 /// once at start, by [`App::settings`] or by a command before it runs.
-pub fn settings<T: serde::de::DeserializeOwned>() -> Result<T, String> {
-    envy::from_env::<T>().map_err(|e| format!("configuration error: {e}"))
+pub fn settings<T: serde::de::DeserializeOwned>() -> Result<T, ConfigError> {
+    envy::from_env::<T>().map_err(|e| ConfigError::new(e.to_string()))
 }
 
 /// A function's transport until SIGTERM: Lambda when started by it, else HTTP on $HOST:$PORT.

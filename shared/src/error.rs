@@ -65,6 +65,10 @@ pub fn fields<const N: usize>(pairs: [(&str, Value); N]) -> Map<String, Value> {
 
 impl<T: Domain> From<T> for ApiError {
     fn from(e: T) -> Self {
+        // A refusal is the client's to fix; a failure of ours is Internal, whose cause is logged.
+        if !e.status().is_client_error() {
+            return ApiError::Internal(format!("{} ({})", e, e.code()));
+        }
         ApiError::Domain {
             status: e.status(),
             code: e.code(),
@@ -117,7 +121,10 @@ impl ApiError {
 
     fn extra_fields(&self, body: &mut Map<String, Value>) {
         if let ApiError::Domain { fields, .. } = self {
-            body.extend(fields.clone());
+            for (name, value) in fields {
+                // A function's field never replaces the problem's own members.
+                body.entry(name.clone()).or_insert_with(|| value.clone());
+            }
         }
     }
 

@@ -1,8 +1,8 @@
 //! The runtime every Tally function shares, so that a function crate holds only its handler.
 //!
 //! # Layout
-//! Layers, top to bottom; a module uses only modules below it (`tests/layers.rs` checks that
-//! no import loop comes back):
+//! Layers, top to bottom; a module uses only modules of the layers below its own
+//! (`tests/layers.rs` checks every edge against its list of layers):
 //! - [`app`]: assembles a process (settings, telemetry, runtime, pool, [`AppState`]) and runs a
 //!   transport or a worker until SIGTERM. Every function's `main` is one call to it.
 //! - [`runtime`] (hyper: connections, timeouts, the body cap, graceful shutdown) and [`lambda`]
@@ -19,9 +19,9 @@
 //!   path ids, query strings) into 4xx on bad input. [`db`]: the lazily connected pool.
 //! - [`config`]: settings from the environment (`envy`) and the key material, failing at start
 //!   with one clear line. [`error`]: [`ApiError`] and its one mapping to `problem+json`.
-//! - Leaves: [`catalog`] (the product as the API shows it), [`telemetry`] (JSON log lines),
-//!   [`migrate`] (the embedded `sql/migrations` and the seed), [`pg`] (URLs, a connection,
-//!   the PostgreSQL binaries), [`encode`] (hex).
+//!   Beside them: [`catalog`] (the product as the API shows it), [`telemetry`] (JSON log
+//!   lines), [`migrate`] (the embedded `sql/migrations` and the seed).
+//! - At the bottom: [`pg`] (URLs, a connection, the PostgreSQL binaries), [`encode`] (hex).
 //!
 //! Developer tooling (a private PostgreSQL, token minting) lives in the `tally-dev` crate, which
 //! no function binary depends on.

@@ -13,6 +13,7 @@ use metrics::{counter, gauge, histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 use crate::db::Pool;
+use crate::error::ApiError;
 
 /// Seconds: from half a millisecond (a cached read) to ten seconds (a timed-out request).
 const LATENCY_BUCKETS: [f64; 14] = [
@@ -87,6 +88,13 @@ pub async fn timed<F: Future>(statement: &'static str, work: F) -> F::Output {
     histogram!("tally_db_statement_duration_seconds", "statement" => statement)
         .record(started.elapsed());
     out
+}
+
+/// A pooled connection, or 503 after `POOL_TIMEOUT_MS`; the wait is measured. Handlers get
+/// theirs through `AppState::db` or `sql::query`; a worker with only the pool calls this.
+pub async fn checkout(pool: &crate::db::Pool) -> Result<crate::db::Connection<'_>, ApiError> {
+    let _wait = PoolWait::start();
+    Ok(pool.get().await?)
 }
 
 /// Around a wait for a pooled connection: how many wait, and for how long.

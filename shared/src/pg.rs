@@ -18,8 +18,15 @@ pub async fn connect(url: &str) -> Result<Client, tokio_postgres::Error> {
     Ok(client)
 }
 
-/// The same URL naming another database; user, password, host and parameters are kept.
+/// The same URL naming another database; user, password, host and parameters are kept. A
+/// key/value string (`host=... dbname=...`) gets a `dbname` that overrides its own.
 pub fn with_database(url: &str, database: &str) -> String {
+    if !url.contains("://") {
+        return format!(
+            "{url} dbname='{}'",
+            database.replace('\\', "\\\\").replace('\'', "\\'")
+        );
+    }
     let (base, query) = url
         .split_once('?')
         .map_or((url, None), |(b, q)| (b, Some(q)));
@@ -34,8 +41,18 @@ pub fn with_database(url: &str, database: &str) -> String {
     }
 }
 
-/// The URL without its password, for logs and messages.
+/// The URL without its password, for logs and messages: in the user info, and as a
+/// `password` parameter (a query's or a key/value string's).
 pub fn redact(url: &str) -> String {
+    if let Some(at) = url.find("password=") {
+        let end = url[at..].find(['&', ' ']).map_or(url.len(), |i| at + i);
+        let rest = redact(&url[end..]);
+        return redact_userinfo(&format!("{}password=***{rest}", &url[..at]));
+    }
+    redact_userinfo(url)
+}
+
+fn redact_userinfo(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {
         (Some(scheme), Some(at)) if at > scheme => {
             let creds = &url[scheme + 3..at];
@@ -94,5 +111,17 @@ mod tests {
             "postgres://app:***@db:5432/tally?sslmode=require"
         );
         assert_eq!(redact("postgres://app@db/x"), "postgres://app@db/x");
+        assert_eq!(
+            redact("postgres://db/x?user=app&password=s3cret&sslmode=require"),
+            "postgres://db/x?user=app&password=***&sslmode=require"
+        );
+        assert_eq!(
+            redact("host=db password=s3cret dbname=x"),
+            "host=db password=*** dbname=x"
+        );
+        assert_eq!(
+            with_database("host=/run/pg dbname=tally", "scratch"),
+            "host=/run/pg dbname=tally dbname='scratch'"
+        );
     }
 }

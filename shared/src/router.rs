@@ -36,8 +36,7 @@ pub struct AppState {
 impl AppState {
     /// A pooled connection, or 503 after `POOL_TIMEOUT_MS`; the wait is measured.
     pub async fn db(&self) -> Result<crate::db::Connection<'_>, ApiError> {
-        let _wait = crate::meters::PoolWait::start();
-        Ok(self.pool.get().await?)
+        crate::meters::checkout(&self.pool).await
     }
 
     pub fn new(pool: Pool, config: Config) -> Result<Self, ConfigError> {

@@ -43,7 +43,10 @@ pub async fn query_one(
 /// The outcome text in `column` of `row`, as the caller's enum; an outcome it does not know is
 /// a bug (500), never guessed at.
 pub fn outcome<T: FromStr>(row: &Row, column: usize, name: &str) -> Result<T, ApiError> {
-    let text: &str = row.get(column);
+    let text: Option<&str> = row
+        .try_get(column)
+        .map_err(|e| ApiError::Internal(format!("{name}: outcome column: {e}")))?;
+    let text = text.ok_or_else(|| ApiError::Internal(format!("{name}: no outcome")))?;
     text.parse()
         .map_err(|_| ApiError::Internal(format!("{name}: unknown outcome {text:?}")))
 }

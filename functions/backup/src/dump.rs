@@ -112,10 +112,15 @@ async fn dump_and_upload(
     let row_counts = count_rows(client).await?;
     let migration_version = migration_version(client).await?;
     let key = store::dump_key(&config.backup_prefix, database, started_at);
-    let streamed = stream_dump(&pg_dump, database_url, &snapshot, config, store, &key).await;
-    // The snapshot is no longer needed once pg_dump has finished with it.
-    let _ = client.batch_execute("COMMIT").await;
-    let (size_bytes, sha256) = streamed?;
+    let (size_bytes, sha256) = stream_dump(
+        client,
+        &pg_dump,
+        (database_url, &snapshot),
+        config,
+        store,
+        &key,
+    )
+    .await?;
     let manifest = Manifest {
         database: database.to_owned(),
         dump_key: key.to_string(),
@@ -161,9 +166,9 @@ async fn check_pg_dump(client: &Client) -> Result<(String, PgTool), BackupError>
 /// hashing as it goes. Answers the size and SHA-256; on any failure the upload is aborted, so
 /// no partial object is left behind.
 async fn stream_dump(
+    client: &Client,
     pg_dump: &PgTool,
-    database_url: &str,
-    snapshot: &str,
+    (database_url, snapshot): (&str, &str),
     config: &StoreConfig,
     store: &dyn ObjectStore,
     key: &object_store::path::Path,
@@ -199,6 +204,9 @@ async fn stream_dump(
         let _ = child.start_kill();
     }
     let status = child.wait().await;
+    // The snapshot is no longer needed once pg_dump has finished with it: let it go before the
+    // last parts upload.
+    let _ = client.batch_execute("COMMIT").await;
     let pg_dump_errors = stderr_task.await.unwrap_or_default();
     let failure = match (&streamed, status) {
         (Err(_), _) => None,

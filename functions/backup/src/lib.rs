@@ -31,6 +31,8 @@ use crate::store::StoreConfig;
 pub enum BackupError {
     #[error("configuration error: {0}")]
     Config(String),
+    #[error(transparent)]
+    Settings(#[from] tally_shared::config::ConfigError),
     #[error("a backup is already running")]
     InProgress,
     #[error("database: {0}")]
@@ -145,7 +147,7 @@ impl From<BackupError> for CommandError {
 }
 
 async fn command(args: &[String], config: &Config) -> Result<String, CommandError> {
-    let store: StoreConfig = app::settings().map_err(BackupError::Config)?;
+    let store: StoreConfig = app::settings().map_err(BackupError::from)?;
     let source = || {
         config.database_url.clone().ok_or_else(|| {
             Failed(BackupError::Config(

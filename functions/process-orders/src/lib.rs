@@ -19,7 +19,7 @@ use metrics::counter;
 use serde::{Deserialize, Serialize};
 use tally_shared::http::json_response;
 use tally_shared::router::HandlerResult;
-use tally_shared::{ApiError, AppState, Pool, Request, Route, app, auth, outcomes, sql};
+use tally_shared::{ApiError, AppState, Pool, Request, Route, app, auth, meters, outcomes, sql};
 use tokio_postgres::types::Type;
 
 /// The processor's own settings, from the environment.
@@ -173,7 +173,7 @@ async fn sweep_inner(
 ) -> Result<SweepSummary, ApiError> {
     let mut summary = SweepSummary::default();
     let (claimed, claimed_at) = {
-        let conn = pool.get().await?;
+        let conn = meters::checkout(pool).await?;
         summary.expired = expire(&conn, config).await?;
         (claim(&conn, config).await?, std::time::Instant::now())
     };
@@ -195,7 +195,13 @@ async fn sweep_inner(
             }
         }
     }
-    record(&*pool.get().await?, config, decided, &mut summary).await?;
+    record(
+        &*meters::checkout(pool).await?,
+        config,
+        decided,
+        &mut summary,
+    )
+    .await?;
     Ok(summary)
 }
 
@@ -221,9 +227,9 @@ struct Decided {
 async fn expire(conn: &tokio_postgres::Client, config: &ProcessorConfig) -> Result<u64, ApiError> {
     let mut expired = 0;
     for _ in 0..config.process_batch_size {
-        let row = conn
-            .query_typed(EXPIRE_SQL, &[(&config.order_ttl_secs, Type::FLOAT8)])
-            .await?;
+        let params: [(&(dyn tokio_postgres::types::ToSql + Sync), Type); 1] =
+            [(&config.order_ttl_secs, Type::FLOAT8)];
+        let row = meters::timed("expire_order", conn.query_typed(EXPIRE_SQL, &params)).await?;
         match row.first().and_then(|r| r.get::<_, Option<i64>>(0)) {
             Some(_) => expired += 1,
             None => break,
@@ -242,17 +248,18 @@ async fn claim(
         (&config.claim_lease_secs, Type::FLOAT8),
         (&config.process_batch_size, Type::INT8),
     ];
-    Ok(conn
-        .query_typed(CLAIM_SQL, &params)
-        .await?
-        .iter()
-        .map(|r| ClaimedOrder {
-            id: r.get(0),
-            user_id: r.get(1),
-            total_cents: r.get(2),
-            attempts: r.get(3),
-        })
-        .collect())
+    Ok(
+        meters::timed("claim_orders", conn.query_typed(CLAIM_SQL, &params))
+            .await?
+            .iter()
+            .map(|r| ClaimedOrder {
+                id: r.get(0),
+                user_id: r.get(1),
+                total_cents: r.get(2),
+                attempts: r.get(3),
+            })
+            .collect(),
+    )
 }
 
 /// Writes what the steps decided (each only while its claim token still holds), and forgets
@@ -265,23 +272,29 @@ async fn record(
 ) -> Result<(), ApiError> {
     if !decided.confirmed.is_empty() {
         let (ids, tokens): (Vec<i64>, Vec<i32>) = decided.confirmed.into_iter().unzip();
-        summary.confirmed = conn
-            .execute_typed(
-                CONFIRM_SQL,
-                &[(&ids, Type::INT8_ARRAY), (&tokens, Type::INT4_ARRAY)],
-            )
-            .await?;
+        let params: [(&(dyn tokio_postgres::types::ToSql + Sync), Type); 2] =
+            [(&ids, Type::INT8_ARRAY), (&tokens, Type::INT4_ARRAY)];
+        let confirm = conn.execute_typed(CONFIRM_SQL, &params);
+        summary.confirmed = meters::timed("confirm_orders", confirm).await?;
     }
     for (id, attempts, reason) in decided.failed {
-        let rows = conn
-            .query_typed(FAIL_SQL, &[(&id, Type::INT8), (&attempts, Type::INT4)])
-            .await?;
-        let row = rows
-            .first()
-            .ok_or_else(|| ApiError::Internal("fail_claimed_order returned no row".into()))?;
+        let params: [(&(dyn tokio_postgres::types::ToSql + Sync), Type); 2] =
+            [(&id, Type::INT8), (&attempts, Type::INT4)];
+        let rows = meters::timed("fail_order", conn.query_typed(FAIL_SQL, &params)).await?;
         // Otherwise the claim was lost (or the order already left PENDING): nothing changed.
-        if sql::outcome::<Failed>(row, 0, "fail_claimed_order")? == Failed::Released {
-            summary.failed += 1;
+        // An answer this code does not know is logged, and the rest of the sweep still recorded.
+        match rows
+            .first()
+            .map(|row| sql::outcome::<Failed>(row, 0, "fail_claimed_order"))
+        {
+            Some(Ok(Failed::Released)) => summary.failed += 1,
+            Some(Ok(_)) => {}
+            Some(Err(e)) => tracing::error!(
+                order_id = id,
+                cause = e.internal_cause(),
+                "failing an order"
+            ),
+            None => tracing::error!(order_id = id, "fail_claimed_order returned no row"),
         }
         tracing::info!(order_id = id, reason, "order failed by the fulfilment step");
     }
@@ -291,14 +304,13 @@ async fn record(
             (&reason, Type::TEXT),
             (&attempts, Type::INT4),
         ];
-        summary.retried += conn.execute_typed(RETRY_SQL, &params).await?;
+        summary.retried +=
+            meters::timed("retry_order", conn.execute_typed(RETRY_SQL, &params)).await?;
     }
-    summary.keys_deleted = conn
-        .execute_typed(
-            FORGET_KEYS_SQL,
-            &[(&config.idempotency_retention_secs, Type::FLOAT8)],
-        )
-        .await?;
+    let params: [(&(dyn tokio_postgres::types::ToSql + Sync), Type); 1] =
+        [(&config.idempotency_retention_secs, Type::FLOAT8)];
+    let forget = conn.execute_typed(FORGET_KEYS_SQL, &params);
+    summary.keys_deleted = meters::timed("forget_keys", forget).await?;
     Ok(())
 }
 
