@@ -111,7 +111,7 @@ async fn serve(name: &'static str, routes: Vec<Route>, state: AppState) -> ExitC
         return ExitCode::FAILURE;
     }
     // The adapter is chosen here, before lambda_http could panic for want of its variables.
-    if crate::config::on_lambda() {
+    if state.config.on_lambda() {
         tracing::info!(function = name, "serving AWS Lambda invocations");
         meters::install();
         return match lambda::serve(Router::new().mount(routes), state).await {

@@ -6,18 +6,16 @@ use std::time::Duration;
 use jsonwebtoken::{Algorithm, DecodingKey};
 use serde::Deserialize;
 
-/// Whether this process was started by the Lambda service (or something speaking its
-/// Runtime API).
-pub fn on_lambda() -> bool {
-    std::env::var_os("AWS_LAMBDA_RUNTIME_API").is_some()
-}
-
 /// Everything a function reads from its environment. Variable names are the field names in
 /// upper case (`DATABASE_URL`, `PORT`, `POOL_SIZE`, ...).
 #[derive(Debug, Clone, Deserialize)]
 pub struct Config {
     /// Required by every deployed function; the local runner starts its own Postgres without it.
     pub database_url: Option<String>,
+    /// Set by the Lambda service (or anything speaking its Runtime API): where this process
+    /// runs, a deployment fact like any other setting.
+    #[serde(default)]
+    pub aws_lambda_runtime_api: Option<String>,
     #[serde(default = "defaults::host")]
     pub host: IpAddr,
     #[serde(default = "defaults::port")]
@@ -144,6 +142,11 @@ impl Config {
     ) -> Result<Self, ConfigError> {
         let config: Self = envy::from_iter(vars).map_err(|e| ConfigError(describe(e)))?;
         config.check()
+    }
+
+    /// Whether this process was started by the Lambda service.
+    pub fn on_lambda(&self) -> bool {
+        self.aws_lambda_runtime_api.is_some()
     }
 
     fn check(self) -> Result<Self, ConfigError> {

@@ -35,6 +35,6 @@ pub fn lazy_pool(config: &Config, application_name: &str) -> Result<Pool, Config
         // is noticed by `has_broken` (its socket closed), and a request that still hits one
         // gets 503 once; the pool replaces it. Under Lambda the environment is frozen between
         // invocations and its sockets can die silently, so there every checkout is checked.
-        .test_on_check_out(crate::config::on_lambda())
+        .test_on_check_out(config.on_lambda())
         .build_unchecked(manager))
 }

@@ -15,7 +15,7 @@ use crate::error::ApiError;
 use crate::router::{AppState, Router};
 use crate::service::{BODY_LIMIT, respond};
 
-/// Answers invocations until the runtime stops. Call only when [`crate::config::on_lambda`].
+/// Answers invocations until the runtime stops. Call only when [`crate::Config::on_lambda`].
 pub async fn serve(router: Router, state: AppState) -> Result<(), lambda_http::Error> {
     let router = Arc::new(router);
     lambda_http::run(lambda_http::service_fn(
