@@ -183,10 +183,10 @@ pub fn run() -> ExitCode {
     };
 
     let code = runtime.block_on(serve(config, settings, processor));
-    if let Some(cluster) = private {
-        if let Err(e) = cluster.stop() {
-            eprintln!("tally: stopping the private PostgreSQL: {e}");
-        }
+    if let Some(cluster) = private
+        && let Err(e) = cluster.stop()
+    {
+        eprintln!("tally: stopping the private PostgreSQL: {e}");
     }
     code
 }

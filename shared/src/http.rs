@@ -57,10 +57,10 @@ pub fn json_body<T: DeserializeOwned>(request: &Request) -> Result<T, ApiError> 
 /// errors, and the position is kept for syntax errors where it helps.
 fn strip_position(e: &serde_json::Error) -> String {
     let msg = e.to_string();
-    if e.classify() == serde_json::error::Category::Data {
-        if let Some((head, _)) = msg.rsplit_once(" at line ") {
-            return head.to_owned();
-        }
+    if e.classify() == serde_json::error::Category::Data
+        && let Some((head, _)) = msg.rsplit_once(" at line ")
+    {
+        return head.to_owned();
     }
     msg
 }

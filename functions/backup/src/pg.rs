@@ -27,27 +27,27 @@ impl PgTool {
             Some(PathBuf::from(name)),
         ];
         for path in candidates.into_iter().flatten() {
-            if let Ok(out) = std::process::Command::new(&path).arg("--version").output() {
-                if out.status.success() {
-                    let text = String::from_utf8_lossy(&out.stdout);
-                    // "pg_dump (PostgreSQL) 15.20 (Debian 15.20-0+deb12u1)"
-                    let version = text.split_whitespace().nth(2).unwrap_or("").to_owned();
-                    let major = version
-                        .split('.')
-                        .next()
-                        .and_then(|m| m.parse().ok())
-                        .ok_or_else(|| {
-                            BackupError::Config(format!(
-                                "cannot read the version of {}: {text}",
-                                path.display()
-                            ))
-                        })?;
-                    return Ok(Self {
-                        path,
-                        version,
-                        major,
-                    });
-                }
+            if let Ok(out) = std::process::Command::new(&path).arg("--version").output()
+                && out.status.success()
+            {
+                let text = String::from_utf8_lossy(&out.stdout);
+                // "pg_dump (PostgreSQL) 15.20 (Debian 15.20-0+deb12u1)"
+                let version = text.split_whitespace().nth(2).unwrap_or("").to_owned();
+                let major = version
+                    .split('.')
+                    .next()
+                    .and_then(|m| m.parse().ok())
+                    .ok_or_else(|| {
+                        BackupError::Config(format!(
+                            "cannot read the version of {}: {text}",
+                            path.display()
+                        ))
+                    })?;
+                return Ok(Self {
+                    path,
+                    version,
+                    major,
+                });
             }
         }
         Err(BackupError::Config(format!(
@@ -93,12 +93,13 @@ fn percent_decode(s: &str) -> String {
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
-        if bytes[i] == b'%' && i + 2 < bytes.len() {
-            if let Ok(b) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
-                out.push(b);
-                i += 3;
-                continue;
-            }
+        if bytes[i] == b'%'
+            && i + 2 < bytes.len()
+            && let Ok(b) = u8::from_str_radix(&s[i + 1..i + 3], 16)
+        {
+            out.push(b);
+            i += 3;
+            continue;
         }
         out.push(bytes[i]);
         i += 1;

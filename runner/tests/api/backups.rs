@@ -1,10 +1,10 @@
-//! Backups and restores against a real S3-compatible server (s3s-fs, which checks request
-//! signatures) on loopback and a real PostgreSQL: content round trips, consistency under a
+//! Backups and restores against a real S3-compatible server (the s3s-fs library, which checks
+//! request signatures, served in-process) on loopback and a real PostgreSQL: content round trips, consistency under a
 //! storm, storage failures, corrupted dumps, retention, the lock, and memory on a large base.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -14,6 +14,8 @@ use backup::store::StoreConfig;
 use http::Method;
 use object_store::path::Path;
 use object_store::{ObjectStore, PutPayload};
+use s3s::auth::SimpleAuth;
+use s3s::service::S3ServiceBuilder;
 use tally_shared::config::Secret;
 
 use crate::faults::free_port;
@@ -23,59 +25,65 @@ const ACCESS_KEY: &str = "tally-test-access";
 const SECRET_KEY: &str = "tally-test-secret-key";
 const BUCKET: &str = "tally-backups";
 
-/// An s3s-fs server on a loopback port with one bucket, stopped when dropped.
+/// An S3-compatible server (the s3s-fs library, which checks request signatures) on a loopback
+/// port with one bucket, in this process on a thread of its own (some tests block their own
+/// thread on a `tally backup` child), stopped when dropped. Nothing to install: no test skips.
 struct S3Server {
-    child: Child,
     port: u16,
     root: PathBuf,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl S3Server {
-    /// None (the test is skipped, loudly) when s3s-fs is not installed, except under CI,
-    /// where .ci/run installs it and its absence is a failure.
-    fn start() -> Option<Self> {
-        let binary = std::env::var_os("S3S_FS")
-            .map(PathBuf::from)
-            .or_else(|| {
-                let home = std::env::var_os("HOME")?;
-                let p = PathBuf::from(home).join(".cargo/bin/s3s-fs");
-                p.exists().then_some(p)
-            })
-            .or_else(|| {
-                Some(PathBuf::from("s3s-fs"))
-                    .filter(|p| Command::new(p).arg("--version").output().is_ok())
-            });
-        let Some(binary) = binary else {
-            assert!(
-                std::env::var_os("CI").is_none(),
-                "s3s-fs is required under CI (.ci/run installs it)"
-            );
-            eprintln!(
-                "SKIPPED: s3s-fs not installed (cargo install s3s-fs@0.14.1 --features binary --locked)"
-            );
-            return None;
-        };
-        let port = free_port();
+    fn start() -> Self {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
         let root = PathBuf::from(format!(
             "{}/s3-{port}-{:x}",
             env!("CARGO_TARGET_TMPDIR"),
             random_u64()
         ));
         std::fs::create_dir_all(root.join(BUCKET)).unwrap();
-        let child = Command::new(binary)
-            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
-            .args(["--access-key", ACCESS_KEY, "--secret-key", SECRET_KEY])
-            .arg(&root)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start s3s-fs");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "s3s-fs did not start");
-            std::thread::sleep(Duration::from_millis(20));
+        let mut builder = S3ServiceBuilder::new(s3s_fs::FileSystem::new(&root).unwrap());
+        builder.set_auth(SimpleAuth::from_single(ACCESS_KEY, SECRET_KEY));
+        let service = builder.build();
+        let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
+        listener.set_nonblocking(true).unwrap();
+        let thread = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+                let http = hyper_util::server::conn::auto::Builder::new(
+                    hyper_util::rt::TokioExecutor::new(),
+                );
+                loop {
+                    let socket = tokio::select! {
+                        accepted = listener.accept() => match accepted {
+                            Ok((socket, _)) => socket,
+                            Err(_) => continue,
+                        },
+                        _ = &mut stopped => break,
+                    };
+                    let connection = http
+                        .serve_connection(hyper_util::rt::TokioIo::new(socket), service.clone())
+                        .into_owned();
+                    tokio::spawn(async move {
+                        let _ = connection.await;
+                    });
+                }
+            });
+            // Dropping the runtime ends every open connection: the server is gone.
+        });
+        Self {
+            port,
+            root,
+            stop: Some(stop),
+            thread: Some(thread),
         }
-        Some(Self { child, port, root })
     }
 
     fn endpoint(&self) -> String {
@@ -129,8 +137,12 @@ impl S3Server {
 
 impl Drop for S3Server {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
         let _ = std::fs::remove_dir_all(&self.root);
     }
 }
@@ -186,7 +198,7 @@ fn backup_command(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restore_brings_back_every_table_exactly_as_backed_up() {
-    let Some(s3) = S3Server::start() else { return };
+    let s3 = S3Server::start();
     let app = TestApp::spawn().await;
     app.order(1, &[(1, 2), (2, 1)]).await;
     let cancelled = app.order_keyed(2, &[(3, 1)], "k-1").await.json()["order_id"]
@@ -235,7 +247,7 @@ async fn a_restore_brings_back_every_table_exactly_as_backed_up() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_backup_taken_during_a_storm_restores_consistent() {
-    let Some(s3) = S3Server::start() else { return };
+    let s3 = S3Server::start();
     let app = Arc::new(TestApp::spawn().await);
     let product = app.add_product("STORM", 100, 100_000).await;
     let storm: Vec<_> = (0..16)
@@ -294,7 +306,7 @@ async fn a_backup_taken_during_a_storm_restores_consistent() {
 
 #[tokio::test]
 async fn storage_failures_are_clear_errors_and_leave_no_manifest() {
-    let Some(s3) = S3Server::start() else { return };
+    let s3 = S3Server::start();
     let app = TestApp::spawn().await;
     let mut unreachable = s3.config();
     unreachable.backup_endpoint = Some(format!("http://127.0.0.1:{}", free_port()));
@@ -358,7 +370,7 @@ fn fake_pg_dump(body: &str) -> PathBuf {
 
 #[tokio::test]
 async fn a_pg_dump_older_than_the_server_is_refused_clearly() {
-    let Some(s3) = S3Server::start() else { return };
+    let s3 = S3Server::start();
     let app = TestApp::spawn().await;
     let bin = fake_pg_dump("echo 'pg_dump (PostgreSQL) 9.6.24'");
     let (code, _, stderr) = backup_command(
@@ -375,7 +387,7 @@ async fn a_pg_dump_older_than_the_server_is_refused_clearly() {
 
 #[tokio::test]
 async fn a_failing_pg_dump_aborts_the_upload_and_writes_no_manifest() {
-    let Some(s3) = S3Server::start() else { return };
+    let s3 = S3Server::start();
     let app = TestApp::spawn().await;
     // A pg_dump that streams 20 MB (several parts) and then fails, as one killed mid-dump would.
     let bin = fake_pg_dump(
@@ -402,7 +414,7 @@ async fn a_failing_pg_dump_aborts_the_upload_and_writes_no_manifest() {
 
 #[tokio::test]
 async fn a_corrupted_or_truncated_dump_is_refused_before_the_target_is_touched() {
-    let Some(s3) = S3Server::start() else { return };
+    let s3 = S3Server::start();
     let app = TestApp::spawn().await;
     let report = dump::backup(&app.db_url, &s3.config()).await.unwrap();
     let store = s3.config().open().unwrap();
@@ -444,7 +456,7 @@ async fn a_corrupted_or_truncated_dump_is_refused_before_the_target_is_touched()
 
 #[tokio::test]
 async fn retention_keeps_exactly_n_and_never_the_newest() {
-    let Some(s3) = S3Server::start() else { return };
+    let s3 = S3Server::start();
     let app = TestApp::spawn().await;
     let mut config = s3.config();
     config.backup_retain = 2;
@@ -478,7 +490,7 @@ async fn retention_keeps_exactly_n_and_never_the_newest() {
 
 #[tokio::test]
 async fn only_one_backup_runs_at_a_time() {
-    let Some(s3) = S3Server::start() else { return };
+    let s3 = S3Server::start();
     let app = TestApp::spawn().await;
     // Another backup (another pod) holds the lock.
     app.db
@@ -502,7 +514,7 @@ async fn only_one_backup_runs_at_a_time() {
 
 #[tokio::test]
 async fn the_drill_backs_up_restores_verifies_and_drops_its_scratch_database() {
-    let Some(s3) = S3Server::start() else { return };
+    let s3 = S3Server::start();
     let app = TestApp::spawn().await;
     app.order(1, &[(1, 1)]).await;
     let (code, stdout, stderr) = backup_command(&s3, &app.db_url, &["drill"], &[]);
@@ -534,7 +546,7 @@ fn peak_rss_kb(pid: u32) -> Option<u64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_large_database_backs_up_in_bounded_memory() {
-    let Some(s3) = S3Server::start() else { return };
+    let s3 = S3Server::start();
     let megabytes: i64 = std::env::var("BACKUP_TEST_MB")
         .ok()
         .and_then(|v| v.parse().ok())
