@@ -246,7 +246,6 @@ async fn place_keyed(
     key: &str,
 ) -> HandlerResult {
     let fingerprint = order.fingerprint();
-    let key = key.to_owned();
     let mut params = vec![(&caller as _, Type::INT8)];
     params.extend(order.params());
     params.push((&key, Type::TEXT));
