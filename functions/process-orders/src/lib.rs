@@ -1,9 +1,10 @@
 //! `process-orders`: moves PENDING orders on. One sweep:
 //! 1. expires PENDING orders older than `ORDER_TTL_SECS` that nobody holds (FAILED, restocked);
 //! 2. claims a batch with `FOR UPDATE SKIP LOCKED`, setting a lease, and commits the claim;
-//! 3. runs the fulfilment step for each claimed order outside any transaction;
-//! 4. records the outcomes (CONFIRMED; FAILED with restock; or lease released for a retry);
-//! 5. deletes idempotency keys older than `IDEMPOTENCY_RETENTION_SECS`.
+//! 3. runs the fulfilment step for each claimed order outside any transaction, bounded by what
+//!    is left of the lease and with its panics caught, and records its outcome at once
+//!    (CONFIRMED; FAILED with restock; or lease released for a retry);
+//! 4. deletes idempotency keys older than `IDEMPOTENCY_RETENTION_SECS`.
 //!
 //! Many processors may run at once: a claimed order is invisible to the others until its lease
 //! runs out, and every status change is guarded by the status it expects.
@@ -12,7 +13,9 @@ use std::future::Future;
 use std::pin::Pin;
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use futures_util::FutureExt;
 
 use http::{Method, StatusCode};
 use metrics::counter;
@@ -22,19 +25,79 @@ use tally_shared::router::HandlerResult;
 use tally_shared::{ApiError, AppState, Pool, Request, Route, app, auth, meters, outcomes, sql};
 use tokio_postgres::types::Type;
 
-/// The processor's own settings, from the environment.
+/// The processor's own settings, from the environment; checked when read, so a bad value
+/// stops the process at start rather than failing (or panicking) in a sweep later.
 #[derive(Debug, Clone, Deserialize)]
+#[serde(try_from = "RawProcessorConfig")]
 pub struct ProcessorConfig {
     /// A PENDING order older than this is expired (its reservation lapses).
-    #[serde(default = "defaults::order_ttl_secs")]
     pub order_ttl_secs: f64,
-    /// How long a claim keeps other processors away while the step runs.
-    #[serde(default = "defaults::claim_lease_secs")]
+    /// How long a claim keeps other processors away while the step runs. A step is cut off
+    /// when it would outlive it.
     pub claim_lease_secs: f64,
-    #[serde(default = "defaults::batch_size")]
     pub process_batch_size: i64,
-    #[serde(default = "defaults::retention_secs")]
     pub idempotency_retention_secs: f64,
+    /// A step that panics or outlives its lease this many times fails its order (a poison
+    /// order would otherwise be claimed, and crash or time out, on every sweep until it expires).
+    pub process_max_attempts: i32,
+}
+
+/// The settings as written, before [`ProcessorConfig`] checks them.
+#[derive(Deserialize)]
+struct RawProcessorConfig {
+    #[serde(default = "defaults::order_ttl_secs")]
+    order_ttl_secs: f64,
+    #[serde(default = "defaults::claim_lease_secs")]
+    claim_lease_secs: f64,
+    #[serde(default = "defaults::batch_size")]
+    process_batch_size: i64,
+    #[serde(default = "defaults::retention_secs")]
+    idempotency_retention_secs: f64,
+    #[serde(default = "defaults::max_attempts")]
+    process_max_attempts: i32,
+}
+
+impl TryFrom<RawProcessorConfig> for ProcessorConfig {
+    type Error = String;
+
+    fn try_from(raw: RawProcessorConfig) -> Result<Self, String> {
+        let seconds = [
+            ("ORDER_TTL_SECS", raw.order_ttl_secs, 1.0),
+            ("CLAIM_LEASE_SECS", raw.claim_lease_secs, 0.001),
+            (
+                "IDEMPOTENCY_RETENTION_SECS",
+                raw.idempotency_retention_secs,
+                0.0,
+            ),
+        ];
+        for (name, value, least) in seconds {
+            // A day's worth of years is far past any sane value, and keeps Duration happy.
+            if !(least..=1e9).contains(&value) {
+                return Err(format!(
+                    "{name}={value} must be between {least} and 1e9 seconds"
+                ));
+            }
+        }
+        if !(1..=10_000).contains(&raw.process_batch_size) {
+            return Err(format!(
+                "PROCESS_BATCH_SIZE={} must be between 1 and 10000",
+                raw.process_batch_size
+            ));
+        }
+        if !(1..=1_000).contains(&raw.process_max_attempts) {
+            return Err(format!(
+                "PROCESS_MAX_ATTEMPTS={} must be between 1 and 1000",
+                raw.process_max_attempts
+            ));
+        }
+        Ok(Self {
+            order_ttl_secs: raw.order_ttl_secs,
+            claim_lease_secs: raw.claim_lease_secs,
+            process_batch_size: raw.process_batch_size,
+            idempotency_retention_secs: raw.idempotency_retention_secs,
+            process_max_attempts: raw.process_max_attempts,
+        })
+    }
 }
 
 mod defaults {
@@ -50,6 +113,9 @@ mod defaults {
     pub fn retention_secs() -> f64 {
         24.0 * 3600.0
     }
+    pub fn max_attempts() -> i32 {
+        5
+    }
 }
 
 impl Default for ProcessorConfig {
@@ -59,6 +125,7 @@ impl Default for ProcessorConfig {
             claim_lease_secs: defaults::claim_lease_secs(),
             process_batch_size: defaults::batch_size(),
             idempotency_retention_secs: defaults::retention_secs(),
+            process_max_attempts: defaults::max_attempts(),
         }
     }
 }
@@ -111,6 +178,9 @@ pub struct SweepSummary {
     pub keys_deleted: u64,
     /// Claimed, but the lease ran out before the step could start: left for the next sweep.
     pub lapsed: u64,
+    /// The step finished, but another processor had taken the order over meanwhile: what the
+    /// step did (a payment, say) was not recorded and needs compensation.
+    pub lost_claims: u64,
 }
 
 impl SweepSummary {
@@ -128,9 +198,10 @@ const CLAIM_SQL: &str = "UPDATE orders o \
                       AND (claimed_until IS NULL OR claimed_until < now()) \
                     ORDER BY id LIMIT $3 FOR UPDATE SKIP LOCKED) \
      RETURNING o.id, o.user_id, o.total_cents, o.attempts";
-const CONFIRM_SQL: &str = "UPDATE orders o SET status = 'CONFIRMED', claimed_until = NULL, \
-     updated_at = now() FROM unnest($1::bigint[], $2::int[]) AS c (id, attempts) \
-     WHERE o.id = c.id AND o.attempts = c.attempts AND o.status = 'PENDING'";
+const CONFIRM_SQL: &str = "UPDATE orders SET status = 'CONFIRMED', claimed_until = NULL, \
+     updated_at = now() WHERE id = $1 AND attempts = $2 AND status = 'PENDING'";
+const NOTE_FAILURE_SQL: &str = "UPDATE orders SET last_error = $3 \
+     WHERE id = $1 AND attempts = $2 AND status = 'PENDING'";
 const FAIL_SQL: &str = "SELECT outcome FROM fail_claimed_order($1, $2)";
 const RETRY_SQL: &str = "UPDATE orders SET claimed_until = NULL, last_error = $2 \
      WHERE id = $1 AND attempts = $3 AND status = 'PENDING'";
@@ -143,66 +214,107 @@ pub async fn sweep(
     config: &ProcessorConfig,
     step: &dyn FulfilmentStep,
 ) -> Result<SweepSummary, ApiError> {
-    let result = sweep_inner(pool, config, step).await;
-    match &result {
-        Ok(s) => {
-            counter!("tally_processor_sweeps_total", "result" => "ok").increment(1);
-            for (outcome, n) in [
-                ("claimed", s.claimed),
-                ("confirmed", s.confirmed),
-                ("failed", s.failed),
-                ("retried", s.retried),
-                ("expired", s.expired),
-                ("keys_deleted", s.keys_deleted),
-                ("lapsed", s.lapsed),
-            ] {
-                counter!("tally_processor_orders_total", "outcome" => outcome).increment(n);
-            }
-        }
-        Err(_) => counter!("tally_processor_sweeps_total", "result" => "error").increment(1),
+    let mut summary = SweepSummary::default();
+    let result = sweep_into(pool, config, step, &mut summary).await;
+    // What was recorded before an error is counted too: it happened.
+    counter!("tally_processor_sweeps_total", "result" => if result.is_ok() { "ok" } else { "error" })
+        .increment(1);
+    for (outcome, n) in [
+        ("claimed", summary.claimed),
+        ("confirmed", summary.confirmed),
+        ("failed", summary.failed),
+        ("retried", summary.retried),
+        ("expired", summary.expired),
+        ("keys_deleted", summary.keys_deleted),
+        ("lapsed", summary.lapsed),
+    ] {
+        counter!("tally_processor_orders_total", "outcome" => outcome).increment(n);
     }
-    result
+    result.map(|()| summary)
 }
 
-/// A sweep's phases: expire and claim on one connection, run the steps with no connection
-/// held, then record what they decided.
-async fn sweep_inner(
+/// A sweep's phases: expire and claim on one connection; then, order by order, run the step
+/// with no connection held and record its outcome at once, so a crash or a lost database
+/// loses at most the step in flight; last, forget old idempotency keys.
+async fn sweep_into(
     pool: &Pool,
     config: &ProcessorConfig,
     step: &dyn FulfilmentStep,
-) -> Result<SweepSummary, ApiError> {
-    let mut summary = SweepSummary::default();
+    summary: &mut SweepSummary,
+) -> Result<(), ApiError> {
     let (claimed, claimed_at) = {
         let conn = meters::checkout(pool).await?;
         summary.expired = expire(&conn, config).await?;
-        (claim(&conn, config).await?, std::time::Instant::now())
+        (claim(&conn, config).await?, Instant::now())
     };
     summary.claimed = claimed.len() as u64;
-    // The lease, less a margin for recording the outcome: a step must not start after it.
-    let lease = Duration::from_secs_f64(config.claim_lease_secs * 0.9);
-    let mut decided = Decided::default();
+    // The lease, less a margin for recording the outcome: every step must end before it.
+    let deadline = claimed_at + Duration::from_secs_f64(config.claim_lease_secs * 0.9);
     for order in &claimed {
-        if claimed_at.elapsed() >= lease {
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        if remaining.is_zero() {
             // Another processor may claim it now; this one leaves it alone.
             summary.lapsed += 1;
             continue;
         }
-        match step.run(order).await {
-            StepOutcome::Confirmed => decided.confirmed.push((order.id, order.attempts)),
-            StepOutcome::Failed(reason) => decided.failed.push((order.id, order.attempts, reason)),
-            StepOutcome::RetryLater(reason) => {
-                decided.retry.push((order.id, order.attempts, reason))
-            }
-        }
+        let outcome = run_step(step, order, remaining, config).await;
+        record(&*meters::checkout(pool).await?, order, outcome, summary).await?;
     }
-    record(
-        &*meters::checkout(pool).await?,
-        config,
-        decided,
-        &mut summary,
-    )
-    .await?;
-    Ok(summary)
+    let params: [(&(dyn tokio_postgres::types::ToSql + Sync), Type); 1] =
+        [(&config.idempotency_retention_secs, Type::FLOAT8)];
+    let conn = meters::checkout(pool).await?;
+    let forget = conn.execute_typed(FORGET_KEYS_SQL, &params);
+    summary.keys_deleted = meters::timed("forget_keys", forget).await?;
+    Ok(())
+}
+
+/// Runs one order's step, cut off when its lease would run out, with its panics caught: a
+/// step that panics or overruns is retried on a later sweep, and fails its order once it has
+/// had `PROCESS_MAX_ATTEMPTS` claims.
+async fn run_step(
+    step: &dyn FulfilmentStep,
+    order: &ClaimedOrder,
+    remaining: Duration,
+    config: &ProcessorConfig,
+) -> StepOutcome {
+    // The call inside the async block, so a step that panics before returning its future is
+    // caught as well.
+    let run = std::panic::AssertUnwindSafe(async { step.run(order).await }).catch_unwind();
+    let (kind, trouble) = match tokio::time::timeout(remaining, run).await {
+        Ok(Ok(outcome)) => return outcome,
+        Ok(Err(panic)) => (
+            "panic",
+            format!("the fulfilment step panicked: {}", panic_text(&*panic)),
+        ),
+        Err(_) => (
+            "timeout",
+            format!("the fulfilment step was cut off after {remaining:?}, at the end of its lease"),
+        ),
+    };
+    counter!("tally_processor_step_troubles_total", "kind" => kind).increment(1);
+    tracing::error!(
+        order_id = order.id,
+        attempts = order.attempts,
+        trouble,
+        "fulfilment step"
+    );
+    if order.attempts >= config.process_max_attempts {
+        StepOutcome::Failed(format!(
+            "gave up after {} attempts: {trouble}",
+            order.attempts
+        ))
+    } else {
+        StepOutcome::RetryLater(trouble)
+    }
+}
+
+/// A panic's message, when it has one.
+fn panic_text(panic: &(dyn std::any::Any + Send)) -> &str {
+    panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(no message)")
 }
 
 outcomes! {
@@ -213,14 +325,6 @@ outcomes! {
         NotFound = "not_found",
         InvalidTransition = "invalid_transition",
     }
-}
-
-/// What the steps decided, per claimed order: (id, claim token) and a reason where one fails.
-#[derive(Default)]
-struct Decided {
-    confirmed: Vec<(i64, i32)>,
-    failed: Vec<(i64, i32, String)>,
-    retry: Vec<(i64, i32, String)>,
 }
 
 /// Expires up to a batch of PENDING orders past their time to live, one at a time.
@@ -248,7 +352,7 @@ async fn claim(
         (&config.claim_lease_secs, Type::FLOAT8),
         (&config.process_batch_size, Type::INT8),
     ];
-    Ok(
+    let mut claimed: Vec<ClaimedOrder> =
         meters::timed("claim_orders", conn.query_typed(CLAIM_SQL, &params))
             .await?
             .iter()
@@ -258,60 +362,84 @@ async fn claim(
                 total_cents: r.get(2),
                 attempts: r.get(3),
             })
-            .collect(),
-    )
+            .collect();
+    // RETURNING keeps no order: oldest first, as they were picked.
+    claimed.sort_unstable_by_key(|o| o.id);
+    Ok(claimed)
 }
 
-/// Writes what the steps decided (each only while its claim token still holds), and forgets
-/// idempotency keys past their retention.
+/// Writes one step's outcome, only while this processor's claim token still holds.
 async fn record(
     conn: &tokio_postgres::Client,
-    config: &ProcessorConfig,
-    decided: Decided,
+    order: &ClaimedOrder,
+    outcome: StepOutcome,
     summary: &mut SweepSummary,
 ) -> Result<(), ApiError> {
-    if !decided.confirmed.is_empty() {
-        let (ids, tokens): (Vec<i64>, Vec<i32>) = decided.confirmed.into_iter().unzip();
-        let params: [(&(dyn tokio_postgres::types::ToSql + Sync), Type); 2] =
-            [(&ids, Type::INT8_ARRAY), (&tokens, Type::INT4_ARRAY)];
-        let confirm = conn.execute_typed(CONFIRM_SQL, &params);
-        summary.confirmed = meters::timed("confirm_orders", confirm).await?;
-    }
-    for (id, attempts, reason) in decided.failed {
-        let params: [(&(dyn tokio_postgres::types::ToSql + Sync), Type); 2] =
-            [(&id, Type::INT8), (&attempts, Type::INT4)];
-        let rows = meters::timed("fail_order", conn.query_typed(FAIL_SQL, &params)).await?;
-        // Otherwise the claim was lost (or the order already left PENDING): nothing changed.
-        // An answer this code does not know is logged, and the rest of the sweep still recorded.
-        match rows
-            .first()
-            .map(|row| sql::outcome::<Failed>(row, 0, "fail_claimed_order"))
-        {
-            Some(Ok(Failed::Released)) => summary.failed += 1,
-            Some(Ok(_)) => {}
-            Some(Err(e)) => tracing::error!(
-                order_id = id,
-                cause = e.internal_cause(),
-                "failing an order"
-            ),
-            None => tracing::error!(order_id = id, "fail_claimed_order returned no row"),
+    let claim: [(&(dyn tokio_postgres::types::ToSql + Sync), Type); 2] =
+        [(&order.id, Type::INT8), (&order.attempts, Type::INT4)];
+    match outcome {
+        StepOutcome::Confirmed => {
+            let confirm = conn.execute_typed(CONFIRM_SQL, &claim);
+            match meters::timed("confirm_order", confirm).await? {
+                0 => lost_claim(order, "confirmed", summary),
+                _ => summary.confirmed += 1,
+            }
         }
-        tracing::info!(order_id = id, reason, "order failed by the fulfilment step");
+        StepOutcome::Failed(reason) => {
+            // The reason first, under the same guard, so a FAILED order says why.
+            let note: [(&(dyn tokio_postgres::types::ToSql + Sync), Type); 3] = [
+                (&order.id, Type::INT8),
+                (&order.attempts, Type::INT4),
+                (&reason, Type::TEXT),
+            ];
+            meters::timed("note_failure", conn.execute_typed(NOTE_FAILURE_SQL, &note)).await?;
+            let rows = meters::timed("fail_order", conn.query_typed(FAIL_SQL, &claim)).await?;
+            // An answer this code does not know is logged, and the sweep goes on.
+            match rows
+                .first()
+                .map(|row| sql::outcome::<Failed>(row, 0, "fail_claimed_order"))
+            {
+                Some(Ok(Failed::Released)) => summary.failed += 1,
+                Some(Ok(Failed::ClaimLost)) => lost_claim(order, "failed", summary),
+                Some(Ok(_)) => {}
+                Some(Err(e)) => tracing::error!(
+                    order_id = order.id,
+                    cause = e.internal_cause(),
+                    "failing an order"
+                ),
+                None => tracing::error!(order_id = order.id, "fail_claimed_order returned no row"),
+            }
+            tracing::info!(
+                order_id = order.id,
+                reason,
+                "order failed by the fulfilment step"
+            );
+        }
+        StepOutcome::RetryLater(reason) => {
+            let params: [(&(dyn tokio_postgres::types::ToSql + Sync), Type); 3] = [
+                (&order.id, Type::INT8),
+                (&reason, Type::TEXT),
+                (&order.attempts, Type::INT4),
+            ];
+            // A lapsed claim needs nothing here: the order is simply someone else's now.
+            summary.retried +=
+                meters::timed("retry_order", conn.execute_typed(RETRY_SQL, &params)).await?;
+        }
     }
-    for (id, attempts, reason) in decided.retry {
-        let params: [(&(dyn tokio_postgres::types::ToSql + Sync), Type); 3] = [
-            (&id, Type::INT8),
-            (&reason, Type::TEXT),
-            (&attempts, Type::INT4),
-        ];
-        summary.retried +=
-            meters::timed("retry_order", conn.execute_typed(RETRY_SQL, &params)).await?;
-    }
-    let params: [(&(dyn tokio_postgres::types::ToSql + Sync), Type); 1] =
-        [(&config.idempotency_retention_secs, Type::FLOAT8)];
-    let forget = conn.execute_typed(FORGET_KEYS_SQL, &params);
-    summary.keys_deleted = meters::timed("forget_keys", forget).await?;
     Ok(())
+}
+
+/// The step ran to its end, but the order was claimed again meanwhile (the lease ran out):
+/// its outcome is dropped, and whatever the step did outside the database needs undoing.
+fn lost_claim(order: &ClaimedOrder, step_outcome: &'static str, summary: &mut SweepSummary) {
+    summary.lost_claims += 1;
+    counter!("tally_processor_lost_claims_total", "step_outcome" => step_outcome).increment(1);
+    tracing::warn!(
+        order_id = order.id,
+        attempts = order.attempts,
+        step_outcome,
+        "claim lost while the step ran: its outcome was not recorded; what the step did needs compensation"
+    );
 }
 
 /// Sweeps every `every` until `shutdown` resolves; a failed sweep is logged and retried.

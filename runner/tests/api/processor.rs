@@ -310,7 +310,7 @@ async fn the_http_sweep_answers_its_summary() {
     assert_eq!(r.status, 200);
     assert_eq!(
         r.json(),
-        serde_json::json!({"claimed": 1, "confirmed": 1, "failed": 0, "retried": 0, "expired": 0, "keys_deleted": 0, "lapsed": 0})
+        serde_json::json!({"claimed": 1, "confirmed": 1, "failed": 0, "retried": 0, "expired": 0, "keys_deleted": 0, "lapsed": 0, "lost_claims": 0})
     );
     processor
         .request(Method::GET, "/", &[], "")
@@ -393,8 +393,9 @@ async fn a_lapsed_claim_is_left_to_the_next_processor_and_recorded_once() {
     );
     assert_eq!(a.confirmed + b.confirmed, 3, "each order confirmed once");
     assert_eq!(
-        a.confirmed, 0,
-        "the first processor's claim was taken over: its outcome is dropped"
+        (a.confirmed, a.retried),
+        (0, 1),
+        "the first step was cut off at the end of its lease, and its claim released"
     );
     assert_eq!(
         app.count("SELECT count(*) FROM orders WHERE status = 'CONFIRMED' AND attempts = 2")
@@ -402,4 +403,181 @@ async fn a_lapsed_claim_is_left_to_the_next_processor_and_recorded_once() {
         3
     );
     app.assert_books_balance().await;
+}
+
+/// Confirms every order but the first, whose step panics; and checks, before each step, that
+/// every earlier order's outcome is already in the database.
+struct PanicsOnFirst {
+    first: i64,
+    db_url: String,
+    seen: Mutex<Vec<i64>>,
+    /// Before each step: (earlier orders found CONFIRMED, earlier orders confirmed by a step).
+    settled: Mutex<Vec<(usize, usize)>>,
+}
+
+impl FulfilmentStep for PanicsOnFirst {
+    fn run<'a>(&'a self, order: &'a ClaimedOrder) -> StepFuture<'a> {
+        Box::pin(async move {
+            let db = tally_shared::pg::connect(&self.db_url).await.unwrap();
+            let earlier: Vec<i64> = (self.seen.lock().unwrap().iter())
+                .filter(|&&id| id != self.first)
+                .copied()
+                .collect();
+            let settled: i64 = db
+                .query_one(
+                    "SELECT count(*) FROM orders WHERE id = ANY($1) AND status = 'CONFIRMED'",
+                    &[&earlier],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            // A failed assertion here would be a panic the sweep catches: what was seen is
+            // checked by the test instead.
+            self.settled
+                .lock()
+                .unwrap()
+                .push((settled as usize, earlier.len()));
+            self.seen.lock().unwrap().push(order.id);
+            if order.id == self.first {
+                panic!("poison order {}", order.id);
+            }
+            StepOutcome::Confirmed
+        })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_step_spares_its_batch_and_its_order_fails_after_max_attempts() {
+    let app = TestApp::spawn().await;
+    let product = app.add_product("POISON", 10, 100).await;
+    place_pending_orders(&app, product, 4).await;
+    let first = app.count("SELECT min(id) FROM orders").await;
+    let step = PanicsOnFirst {
+        first,
+        db_url: app.db_url.clone(),
+        seen: Mutex::default(),
+        settled: Mutex::default(),
+    };
+    let config = ProcessorConfig {
+        process_max_attempts: 2,
+        ..ProcessorConfig::default()
+    };
+    let pool = pool_for(&app, &app.db_url);
+    let s = sweep(&pool, &config, &step).await.unwrap();
+    assert_eq!((s.claimed, s.confirmed, s.retried, s.failed), (4, 3, 1, 0));
+    for (found, confirmed) in step.settled.lock().unwrap().drain(..) {
+        assert_eq!(
+            found, confirmed,
+            "each outcome is recorded right after its step"
+        );
+    }
+    let s = sweep(&pool, &config, &step).await.unwrap();
+    assert_eq!((s.claimed, s.confirmed, s.retried, s.failed), (1, 0, 0, 1));
+    let (status, error): (String, String) = {
+        let row = app
+            .db
+            .query_one(
+                "SELECT status, last_error FROM orders WHERE id = $1",
+                &[&first],
+            )
+            .await
+            .unwrap();
+        (row.get(0), row.get(1))
+    };
+    assert_eq!(status, "FAILED");
+    assert!(
+        error.starts_with("gave up after 2 attempts: the fulfilment step panicked: poison order"),
+        "{error}"
+    );
+    assert_eq!(app.inventory(product).await, 97);
+    app.assert_books_balance().await;
+}
+
+/// A step that never ends.
+struct Hangs;
+impl FulfilmentStep for Hangs {
+    fn run<'a>(&'a self, _order: &'a ClaimedOrder) -> StepFuture<'a> {
+        Box::pin(std::future::pending())
+    }
+}
+
+#[tokio::test]
+async fn a_step_is_cut_off_at_the_end_of_its_lease_and_retried() {
+    let app = TestApp::spawn().await;
+    let product = app.add_product("HANG", 10, 100).await;
+    place_pending_orders(&app, product, 1).await;
+    let config = ProcessorConfig {
+        claim_lease_secs: 0.3,
+        ..ProcessorConfig::default()
+    };
+    let pool = pool_for(&app, &app.db_url);
+    let started = std::time::Instant::now();
+    let s = sweep(&pool, &config, &Hangs).await.unwrap();
+    assert!(started.elapsed() < std::time::Duration::from_secs(5));
+    assert_eq!((s.claimed, s.retried, s.confirmed), (1, 1, 0));
+    assert_eq!(
+        app.count(
+            "SELECT count(*) FROM orders WHERE status = 'PENDING' AND claimed_until IS NULL \
+             AND last_error LIKE 'the fulfilment step was cut off%'"
+        )
+        .await,
+        1
+    );
+}
+
+#[test]
+fn processor_settings_out_of_range_are_refused_at_start() {
+    for bad in [
+        serde_json::json!({"process_batch_size": -1}),
+        serde_json::json!({"process_batch_size": 0}),
+        serde_json::json!({"claim_lease_secs": -5.0}),
+        serde_json::json!({"order_ttl_secs": 0.0}),
+        serde_json::json!({"process_max_attempts": 0}),
+    ] {
+        let refused = serde_json::from_value::<ProcessorConfig>(bad.clone());
+        assert!(refused.is_err(), "{bad} was accepted");
+    }
+    let fine = serde_json::from_value::<ProcessorConfig>(serde_json::json!({})).unwrap();
+    assert_eq!(fine.process_batch_size, 100);
+}
+
+/// Confirms, after another processor has taken the order over (as if its lease had run out
+/// while the step ran: a pause, a slow network, clocks apart).
+struct TakenOver {
+    db_url: String,
+}
+
+impl FulfilmentStep for TakenOver {
+    fn run<'a>(&'a self, order: &'a ClaimedOrder) -> StepFuture<'a> {
+        Box::pin(async move {
+            let db = tally_shared::pg::connect(&self.db_url).await.unwrap();
+            db.execute(
+                "UPDATE orders SET attempts = attempts + 1 WHERE id = $1",
+                &[&order.id],
+            )
+            .await
+            .unwrap();
+            StepOutcome::Confirmed
+        })
+    }
+}
+
+#[tokio::test]
+async fn a_claim_taken_over_during_its_step_is_counted_lost_and_not_recorded() {
+    let app = TestApp::spawn().await;
+    let product = app.add_product("TAKEN", 10, 100).await;
+    place_pending_orders(&app, product, 2).await;
+    let step = TakenOver {
+        db_url: app.db_url.clone(),
+    };
+    let pool = pool_for(&app, &app.db_url);
+    let s = sweep(&pool, &ProcessorConfig::default(), &step)
+        .await
+        .unwrap();
+    assert_eq!((s.claimed, s.confirmed, s.lost_claims), (2, 0, 2));
+    assert_eq!(
+        app.count("SELECT count(*) FROM orders WHERE status = 'PENDING'")
+            .await,
+        2
+    );
 }
