@@ -30,6 +30,7 @@ use http_body_util::Full;
 use serde::Serialize;
 use serde_json::json;
 use tally_shared::auth::Role;
+use tally_shared::roles::{self, Limits, Roles};
 use tally_shared::{Config, migrate};
 use tokio_postgres::Client;
 
@@ -131,10 +132,13 @@ struct Server {
 }
 
 impl Server {
+    /// Serves `db_url` as the app role, as deployed functions do.
     fn start(binary: &PathBuf, db_url: &str, pool: u32) -> Self {
         let port = free_port();
+        let app_url =
+            tally_shared::pg::with_user(db_url, &Roles::default().app, Some(app_password()));
         let child = Command::new(binary)
-            .env("DATABASE_URL", db_url)
+            .env("DATABASE_URL", app_url)
             .env("PORT", port.to_string())
             .env("POOL_SIZE", pool.to_string())
             .env("JWT_HS256_SECRET", SECRET)
@@ -233,7 +237,17 @@ async fn create_database(server: &str, prefix: &str) -> String {
 /// over `shards` rows, the spread catalog and 1,000 orders to read back.
 async fn prepare(server: &str, shards: i32) -> (String, Catalog) {
     let url = create_database(server, "tally_bench").await;
-    let (client, _) = migrate::migrate(&url).await.expect("migrate");
+    let password = Some(app_password());
+    let roles = Roles::default();
+    roles::ensure(
+        &connect(server).await,
+        &roles,
+        [password, password],
+        Limits::default(),
+    )
+    .await
+    .expect("the app and read-only roles");
+    let (client, _) = migrate::migrate(&url, &roles).await.expect("migrate");
     migrate::seed_if_empty(&client).await.unwrap();
     let insert = "INSERT INTO products (sku, name, price_cents, inventory) \
                   SELECT $1 || g, 'Bench ' || g, 100 + g, $2 FROM generate_series(1, $3::bigint) g \
@@ -277,6 +291,17 @@ async fn prepare_minimal(server: &str) -> String {
     client.batch_execute(pgbench::MINIMAL_SETUP).await.unwrap();
     client.batch_execute("VACUUM ANALYZE").await.unwrap();
     url
+}
+
+/// The app and read-only roles' password for this bench run.
+fn app_password() -> &'static str {
+    static PASSWORD: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    PASSWORD.get_or_init(|| {
+        use std::hash::BuildHasher;
+        // RandomState is keyed from the OS's randomness: two of them, 128 bits.
+        let word = || std::hash::RandomState::new().hash_one(Instant::now());
+        format!("{:016x}{:016x}", word(), word())
+    })
 }
 
 async fn connect(url: &str) -> Client {

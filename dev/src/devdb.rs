@@ -34,6 +34,9 @@ impl PrivatePostgres {
     /// Prepares (initdb if needed) but does not start a cluster. `extra_options` are passed to
     /// the server, e.g. `-c fsync=off` for throwaway test clusters.
     pub fn new(datadir: &Path, port: u16, extra_options: &str) -> Result<Self, DevDbError> {
+        // Its owner is changed to `postgres` below: a symlink there (planted in a shared
+        // directory like /tmp) would hand someone else's directory over.
+        refuse_symlinks(datadir)?;
         let bindir = tally_shared::pg::find_bindir().ok_or(DevDbError::NoServerBinaries)?;
         std::fs::create_dir_all(datadir)?;
         let datadir = datadir.canonicalize()?;
@@ -175,6 +178,21 @@ impl PrivatePostgres {
     }
 }
 
+/// Fails when `path`, or a directory on the way to it, is a symbolic link.
+fn refuse_symlinks(path: &Path) -> Result<(), DevDbError> {
+    let absolute = std::path::absolute(path)?;
+    for part in absolute.ancestors() {
+        if std::fs::symlink_metadata(part).is_ok_and(|m| m.file_type().is_symlink()) {
+            return Err(DevDbError::Io(std::io::Error::other(format!(
+                "{} is a symbolic link: a cluster's data directory must be a real directory \
+                 (resolve it and pass the real path)",
+                part.display()
+            ))));
+        }
+    }
+    Ok(())
+}
+
 /// Whether every directory above `path` lets other users through (o+x).
 fn others_can_reach(path: &Path) -> bool {
     path.ancestors().skip(1).all(|dir| {
@@ -203,4 +221,34 @@ fn postgres_user() -> Result<(u32, u32), DevDbError> {
                 "running as root, and there is no `postgres` user to run PostgreSQL as",
             ))
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_symlinked_data_directory_is_refused() {
+        let base = std::env::temp_dir().join(format!(
+            "tally-devdb-symlink-{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos()
+        ));
+        std::fs::create_dir(&base).unwrap();
+        let target = base.join("someone-elses");
+        std::fs::create_dir(&target).unwrap();
+        let planted = base.join("pgdata");
+        std::os::unix::fs::symlink(&target, &planted).unwrap();
+        let refused = PrivatePostgres::new(&planted, 1, "");
+        let below = PrivatePostgres::new(&planted.join("inner"), 1, "");
+        std::fs::remove_dir_all(&base).unwrap();
+        assert!(
+            matches!(&refused, Err(DevDbError::Io(e)) if e.to_string().contains("symbolic link")),
+            "{refused:?}"
+        );
+        assert!(matches!(below, Err(DevDbError::Io(_))), "{below:?}");
+    }
 }

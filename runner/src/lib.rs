@@ -11,6 +11,7 @@ use tally_dev::devdb::PrivatePostgres;
 use tally_shared::app::{self, App};
 use tally_shared::auth::Role;
 use tally_shared::config::Secret;
+use tally_shared::roles::{self, Roles};
 use tally_shared::{Config, Route, migrate, runtime};
 
 /// Every function that serves the public API, by name (its crate, image and Knative Service).
@@ -116,6 +117,9 @@ struct RunnerSettings {
     tally_data_dir: PathBuf,
     #[serde(default = "defaults::private_pg_port")]
     private_pg_port: u16,
+    /// The app and read-only roles' passwords: random for each start when unset.
+    app_db_password: Option<Secret>,
+    readonly_db_password: Option<Secret>,
     /// How often the built-in order processor sweeps; 0 turns it off.
     #[serde(default = "defaults::process_every_ms")]
     process_every_ms: u64,
@@ -225,14 +229,21 @@ fn start_private_postgres(settings: &RunnerSettings) -> Result<(PrivatePostgres,
 }
 
 async fn serve(
-    config: Config,
+    mut config: Config,
     settings: RunnerSettings,
     processor: process_orders::ProcessorConfig,
 ) -> ExitCode {
     let url = config.database_url.clone().unwrap_or_default();
     let addr = SocketAddr::new(config.host, config.port);
-    let listener = match bind_and_prepare(addr, &url).await {
-        Ok(listener) => listener,
+    let limits = roles::Limits {
+        statement_timeout_ms: config.statement_timeout_ms,
+        ..roles::Limits::default()
+    };
+    let listener = match bind_and_prepare(addr, &url, &settings, limits).await {
+        Ok((listener, app_url)) => {
+            config.database_url = Some(app_url);
+            listener
+        }
         Err(code) => return code,
     };
     let app = app();
@@ -273,7 +284,9 @@ async fn serve(
 async fn bind_and_prepare(
     addr: SocketAddr,
     url: &str,
-) -> Result<tokio::net::TcpListener, ExitCode> {
+    settings: &RunnerSettings,
+    limits: roles::Limits,
+) -> Result<(tokio::net::TcpListener, String), ExitCode> {
     let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
         eprintln!("tally: cannot listen on {addr}: {e}");
         ExitCode::FAILURE
@@ -286,9 +299,12 @@ async fn bind_and_prepare(
         .await;
         listener
     });
-    prepare_database(url).await?;
+    let app_url = prepare_database(url, settings, limits).await?;
     let _ = ready_tx.send(());
-    Ok(waiting.await.expect("the waiting server does not panic"))
+    Ok((
+        waiting.await.expect("the waiting server does not panic"),
+        app_url,
+    ))
 }
 
 /// Export lines for a customer's and an admin's token, valid for a day.
@@ -304,25 +320,29 @@ fn demo_tokens(config: &Config) -> [String; 2] {
     })
 }
 
-/// Connects (retrying, with a line each time it waits), migrates and loads the demo seed.
-/// Gives up only on errors that waiting cannot fix.
-async fn prepare_database(url: &str) -> Result<(), ExitCode> {
+/// Connects (retrying, with a line each time it waits), makes the app and read-only roles,
+/// migrates and loads the demo seed. Returns the URL the API connects with: the app role's,
+/// with a password made for this run. Gives up only on errors that waiting cannot fix.
+async fn prepare_database(
+    url: &str,
+    settings: &RunnerSettings,
+    limits: roles::Limits,
+) -> Result<String, ExitCode> {
+    let names: Roles = app::settings().map_err(|e| {
+        eprintln!("tally: {e}");
+        ExitCode::FAILURE
+    })?;
+    let random = random_secret().map_err(|e| {
+        eprintln!("tally: cannot make a role password: {e}");
+        ExitCode::FAILURE
+    })?;
+    let password = (settings.app_db_password.as_ref()).map_or(random.as_str(), |s| &s.0);
+    let readonly_password = (settings.readonly_db_password.as_ref()).map_or(password, |s| &s.0);
     let mut wait = Duration::from_millis(250);
-    loop {
-        match migrate::migrate(url).await {
-            Ok((client, version)) => {
-                return match migrate::seed_if_empty(&client).await {
-                    Ok(seeded) => {
-                        tracing::info!(version, seeded, "database ready");
-                        Ok(())
-                    }
-                    Err(e) => {
-                        eprintln!("tally: loading the demo seed: {e}");
-                        Err(ExitCode::FAILURE)
-                    }
-                };
-            }
-            Err(migrate::MigrateError::Connect(e)) => {
+    let client = loop {
+        match tally_shared::pg::connect(url).await {
+            Ok(client) => break client,
+            Err(e) => {
                 eprintln!(
                     "tally: waiting for PostgreSQL at {} ({e}); retrying in {} ms",
                     tally_shared::pg::redact(url),
@@ -331,10 +351,22 @@ async fn prepare_database(url: &str) -> Result<(), ExitCode> {
                 tokio::time::sleep(wait).await;
                 wait = (wait * 2).min(Duration::from_secs(5));
             }
-            Err(e) => {
-                eprintln!("tally: {e}");
-                return Err(ExitCode::FAILURE);
-            }
         }
-    }
+    };
+    // The runner serves every route with the app role; the read-only role is made too, so
+    // the database looks as it does deployed (list-products and get-order connect with it).
+    let fail = |e: &dyn std::fmt::Display| {
+        eprintln!("tally: {e}");
+        ExitCode::FAILURE
+    };
+    let passwords = [Some(password), Some(readonly_password)];
+    roles::ensure(&client, &names, passwords, limits)
+        .await
+        .map_err(|e| fail(&e))?;
+    let (client, version) = migrate::migrate(url, &names).await.map_err(|e| fail(&e))?;
+    let seeded = migrate::seed_if_empty(&client)
+        .await
+        .map_err(|e| fail(&format!("loading the demo seed: {e}")))?;
+    tracing::info!(version, seeded, "database ready");
+    Ok(tally_shared::pg::with_user(url, &names.app, Some(password)))
 }

@@ -29,7 +29,9 @@ pub struct Config {
     pub pool_timeout_ms: u64,
     #[serde(default = "defaults::connect_timeout_ms")]
     pub connect_timeout_ms: u64,
-    /// Server-side bound on any one statement; 0 turns it off.
+    /// Server-side bound on any one statement; 0 turns it off. `migrate --roles` and the local
+    /// runner set it on the app and read-only roles (`crate::roles`): a function's sessions get
+    /// it from their role, whatever the connection string or a pooler carries.
     #[serde(default = "defaults::statement_timeout_ms")]
     pub statement_timeout_ms: u64,
     /// How long in-flight requests may take to finish after SIGTERM.

@@ -18,14 +18,8 @@ pub fn lazy_pool(config: &Config, application_name: &str) -> Result<Pool, Config
         .map_err(|_| ConfigError::new("DATABASE_URL is not a valid PostgreSQL URL"))?;
     pg.connect_timeout(config.connect_timeout());
     pg.application_name(application_name);
-    if config.statement_timeout_ms > 0 && pg.get_options().is_none() {
-        // A startup option, not a SET: it costs no round trip and survives PgBouncer's
-        // `ignore_startup_parameters = options` being unset.
-        pg.options(format!(
-            "-c statement_timeout={}",
-            config.statement_timeout_ms
-        ));
-    }
+    // No startup options: statement_timeout and the other session limits are set on the role
+    // (crate::roles), which PgBouncer cannot drop the way it drops startup parameters.
     let manager = PostgresConnectionManager::new(pg, NoTls);
     Ok(bb8::Pool::builder()
         .max_size(config.pool_size)

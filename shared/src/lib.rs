@@ -21,7 +21,8 @@
 //!   with one clear line. [`error`]: [`ApiError`] and its one mapping to `problem+json`.
 //!   Beside them: [`catalog`] (the product as the API shows it), [`telemetry`] (JSON log
 //!   lines), [`migrate`] (the embedded `sql/migrations` and the seed).
-//! - At the bottom: [`pg`] (URLs, a connection, the PostgreSQL binaries), [`encode`] (hex).
+//! - At the bottom: [`pg`] (URLs, a connection, the PostgreSQL binaries), [`encode`] (hex),
+//!   [`roles`] (the database roles the functions connect as).
 //!
 //! Developer tooling (a private PostgreSQL, token minting) lives in the `tally-dev` crate, which
 //! no function binary depends on.
@@ -38,6 +39,7 @@ pub mod lambda;
 pub mod meters;
 pub mod migrate;
 pub mod pg;
+pub mod roles;
 pub mod router;
 pub mod runtime;
 pub mod service;

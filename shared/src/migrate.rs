@@ -2,6 +2,8 @@
 
 use tokio_postgres::Client;
 
+use crate::roles::Roles;
+
 mod embedded {
     refinery::embed_migrations!("../sql/migrations");
 }
@@ -21,6 +23,8 @@ pub enum MigrateError {
     Database(#[from] tokio_postgres::Error),
     #[error("migration failed: {0}")]
     Migration(#[from] refinery::Error),
+    #[error(transparent)]
+    Roles(#[from] crate::roles::RoleError),
 }
 
 /// How a migration waits for the table locks its DDL needs. A statement like `ALTER TABLE`
@@ -50,9 +54,13 @@ impl Default for LockPolicy {
 }
 
 /// Connects, applies every pending migration under an advisory lock, and returns the client
-/// for further setup (the seed). Returns the version now applied.
-pub async fn migrate(database_url: &str) -> Result<(Client, Option<i32>), MigrateError> {
-    migrate_to(database_url, None).await
+/// for further setup (the seed). Returns the version now applied. The migrations grant
+/// `roles` what the functions need; the roles must exist ([`crate::roles::ensure`]).
+pub async fn migrate(
+    database_url: &str,
+    roles: &Roles,
+) -> Result<(Client, Option<i32>), MigrateError> {
+    migrate_to(database_url, None, roles).await
 }
 
 /// As [`migrate`], but stops after migration `target` when one is given: the schema an
@@ -60,19 +68,23 @@ pub async fn migrate(database_url: &str) -> Result<(Client, Option<i32>), Migrat
 pub async fn migrate_to(
     database_url: &str,
     target: Option<i32>,
+    roles: &Roles,
 ) -> Result<(Client, Option<i32>), MigrateError> {
-    migrate_with(database_url, target, LockPolicy::default()).await
+    migrate_with(database_url, target, roles, LockPolicy::default()).await
 }
 
 /// As [`migrate_to`], with the lock policy spelled out (tests use milliseconds).
 pub async fn migrate_with(
     database_url: &str,
     target: Option<i32>,
+    roles: &Roles,
     policy: LockPolicy,
 ) -> Result<(Client, Option<i32>), MigrateError> {
+    roles.check()?;
     let mut client = crate::pg::connect(database_url)
         .await
         .map_err(MigrateError::Connect)?;
+    roles.announce(&client).await?;
     // The advisory lock first, without a timeout: a second migrator simply waits its turn.
     client
         .execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK])

@@ -41,6 +41,39 @@ pub fn with_database(url: &str, database: &str) -> String {
     }
 }
 
+/// The same URL connecting as `user` (with `password`, if given); host, database and
+/// parameters are kept. A key/value string gets `user` and `password` that override its own.
+/// Role names and passwords made by this project need no escaping in a URL (a-z, 0-9, _).
+pub fn with_user(url: &str, user: &str, password: Option<&str>) -> String {
+    let password = password.unwrap_or_default();
+    if !url.contains("://") {
+        let quote = |v: &str| v.replace('\\', "\\\\").replace('\'', "\\'");
+        return format!(
+            "{url} user='{}' password='{}'",
+            quote(user),
+            quote(password)
+        );
+    }
+    let scheme_end = url.find("://").map_or(0, |i| i + 3);
+    let authority_end = url[scheme_end..]
+        .find(['/', '?'])
+        .map_or(url.len(), |i| scheme_end + i);
+    let host = match url[scheme_end..authority_end].rfind('@') {
+        Some(at) => &url[scheme_end + at + 1..authority_end],
+        None => &url[scheme_end..authority_end],
+    };
+    let userinfo = if password.is_empty() {
+        user.to_owned()
+    } else {
+        format!("{user}:{password}")
+    };
+    format!(
+        "{}{userinfo}@{host}{}",
+        &url[..scheme_end],
+        &url[authority_end..]
+    )
+}
+
 /// The URL without its password, for logs and messages: in the user info, and as a
 /// `password` parameter (a query's or a key/value string's).
 pub fn redact(url: &str) -> String {
@@ -122,6 +155,30 @@ mod tests {
         assert_eq!(
             with_database("host=/run/pg dbname=tally", "scratch"),
             "host=/run/pg dbname=tally dbname='scratch'"
+        );
+    }
+
+    #[test]
+    fn a_url_connects_as_another_user() {
+        assert_eq!(
+            with_user(
+                "postgres://postgres@db:5432/tally?sslmode=require",
+                "app",
+                Some("pw")
+            ),
+            "postgres://app:pw@db:5432/tally?sslmode=require"
+        );
+        assert_eq!(
+            with_user("postgres://owner:x@db/tally", "ro", None),
+            "postgres://ro@db/tally"
+        );
+        assert_eq!(
+            with_user("postgresql://127.0.0.1:5432", "app", Some("pw")),
+            "postgresql://app:pw@127.0.0.1:5432"
+        );
+        assert_eq!(
+            with_user("host=db dbname=tally", "app", Some("p'w")),
+            "host=db dbname=tally user='app' password='p\\'w'"
         );
     }
 }

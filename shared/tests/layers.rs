@@ -16,7 +16,7 @@ const LAYERS: &[&[&str]] = &[
     &["auth", "meters"],
     &["http", "db"],
     &["config", "error", "migrate", "catalog", "telemetry"],
-    &["pg", "encode"],
+    &["pg", "encode", "roles"],
 ];
 
 /// The code of a file without comments and without its test module.

@@ -114,7 +114,8 @@ impl Function {
             .env("HOME", &workdir)
             .env("TMPDIR", "/tmp")
             .env("PORT", port.to_string())
-            .env("DATABASE_URL", db_url)
+            // Each function as deployed: connected as the app role.
+            .env("DATABASE_URL", crate::helpers::as_app(db_url))
             .env("LOG_LEVEL", if log { "info" } else { "warn" })
             .envs(jwt_env())
             .stdout(if log { Stdio::piped() } else { Stdio::null() })

@@ -25,9 +25,9 @@ struct OwnCluster {
 impl OwnCluster {
     fn start() -> Self {
         let port = free_port();
-        // The system temp dir: the cluster may run as `postgres`, which must reach it.
-        let dir = std::env::temp_dir().join(format!("tally-pg-fault-{port}"));
-        let _ = std::fs::remove_dir_all(&dir);
+        // In this run's private directory, made anew: the cluster may run as `postgres`,
+        // which can pass through it, and nothing planted in advance is followed.
+        let dir = crate::helpers::fresh_dir("pg-fault");
         let cluster = PrivatePostgres::new(&dir, port, "-c fsync=off")
             .expect("server binaries for the fault tests");
         cluster.start().expect("start the private cluster");
@@ -101,15 +101,10 @@ async fn postgres_down_means_503_within_the_bound_then_recovery_in_the_same_proc
 async fn sigterm_lets_in_flight_requests_finish_then_exits_0() {
     let db_url = fresh_database(admin_url()).await;
     let port = free_port();
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_tally"))
-        .env("DATABASE_URL", &db_url)
-        .env("PORT", port.to_string())
+    let mut child = crate::helpers::runner_command(&db_url, port)
         .env("POOL_SIZE", "4")
         .env("POOL_TIMEOUT_MS", "20000")
-        .env("PROCESS_EVERY_MS", "0")
         .env("LOG_LEVEL", "warn")
-        .envs(crate::helpers::jwt_env())
-        .stdout(std::process::Stdio::null())
         .spawn()
         .unwrap();
     let app = TestApp::attach(port, &db_url).await;

@@ -14,83 +14,186 @@ use hyper_util::rt::TokioExecutor;
 use serde_json::Value;
 use tally_dev::devdb::PrivatePostgres;
 use tally_shared::auth::Role;
+use tally_shared::roles::{self, Roles};
 use tally_shared::{Config, migrate, runtime};
 
 /// A header value that tells [`TestApp::request`] to send no such header at all.
 pub const NO_AUTH: &str = "\u{0}no-auth";
 
-/// The server that hosts the test databases: `TEST_DATABASE_URL`, or a private cluster under
-/// `target/` started once and left running for the next run.
+/// The server that hosts the test databases: `TEST_DATABASE_URL`, or a private cluster of this
+/// run's own, in this run's private directory, stopped and deleted when the run ends.
 pub fn admin_url() -> &'static str {
     static URL: OnceLock<String> = OnceLock::new();
     URL.get_or_init(|| {
         tally_shared::telemetry::init_for_tests();
         let url = std::env::var("TEST_DATABASE_URL").unwrap_or_else(|_| {
-            // Under the system temp dir, not target/: when tests run as root, the cluster runs
-            // as `postgres`, which may not be able to reach the checkout.
-            let dir = std::env::temp_dir().join("tally-test-pg");
-            let cluster = PrivatePostgres::new(&dir, 54330, "-c fsync=off -c max_connections=300")
-                .expect("a PostgreSQL server for the tests");
+            let cluster = PrivatePostgres::new(
+                &fresh_dir("pg"),
+                crate::faults::free_port(),
+                "-c fsync=off -c max_connections=300",
+            )
+            .expect("a PostgreSQL server for the tests");
             cluster.start().expect("starting the test PostgreSQL");
-            cluster.url("postgres")
+            let url = cluster.url("postgres");
+            RUN.lock().unwrap().cluster = Some(cluster);
+            url
         });
-        drop_leftover_databases(&url);
+        RUN.lock().unwrap().server = Some(url.clone());
+        // SAFETY: registers a plain `extern "C" fn` with no captured state, once.
+        unsafe { libc::atexit(clean_up_this_run) };
         url
     })
 }
 
-const TEST_DB_PREFIX: &str = "tally_test_";
+/// What this run made and must take away when it ends, and nothing else: another run sharing
+/// the server keeps its databases and roles.
+#[derive(Default)]
+struct Run {
+    server: Option<String>,
+    cluster: Option<PrivatePostgres>,
+    dir: Option<std::path::PathBuf>,
+    databases: Vec<String>,
+    /// Servers on which this run's roles exist.
+    roles_on: Vec<String>,
+}
 
-/// Databases from earlier runs of this suite, dropped once per run so they do not pile up:
-/// only those whose run is over. A name carries its run's process id
-/// (`tally_test_<pid>_<random>`); a database of a run that is still going, on this machine or
-/// sharing the server, is left alone.
-pub fn drop_leftover_databases(url: &str) {
-    let url = url.to_owned();
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async {
-            let client = tally_shared::pg::connect(&url)
-                .await
-                .expect("connect to the test server");
-            let rows = client
-                .query(
-                    "SELECT datname FROM pg_database WHERE datname LIKE $1",
-                    &[&format!("{TEST_DB_PREFIX}%")],
-                )
-                .await
-                .unwrap();
-            for row in rows {
-                let name: String = row.get(0);
-                if run_of(&name).is_some_and(run_is_alive) {
-                    continue;
-                }
-                let _ = client
-                    .batch_execute(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
-                    .await;
-            }
-        });
+static RUN: std::sync::Mutex<Run> = std::sync::Mutex::new(Run {
+    server: None,
+    cluster: None,
+    dir: None,
+    databases: Vec::new(),
+    roles_on: Vec::new(),
+});
+
+/// At exit: this run's databases and roles are dropped, its cluster stopped, its directory
+/// removed. It runs after the tokio runtimes are gone, so it uses `psql`.
+extern "C" fn clean_up_this_run() {
+    let Ok(mut run) = RUN.lock() else { return };
+    if let Some(server) = run.server.clone() {
+        let roles = run_roles();
+        let mut sql: Vec<String> = (run.databases.iter())
+            .map(|db| format!("DROP DATABASE IF EXISTS \"{db}\" WITH (FORCE);"))
+            .collect();
+        if run.roles_on.contains(&server) {
+            sql.push(format!(
+                "DROP ROLE IF EXISTS {}, {};",
+                roles.names.app, roles.names.readonly
+            ));
+        }
+        // One -c each: DROP DATABASE cannot run inside the transaction a multi-statement
+        // string makes.
+        let mut psql = std::process::Command::new("psql");
+        psql.args([server.as_str(), "-qX"]);
+        for statement in &sql {
+            psql.args(["-c", statement]);
+        }
+        let _ = psql.output();
+    }
+    if let Some(cluster) = run.cluster.take() {
+        let _ = cluster.stop();
+    }
+    if let Some(dir) = run.dir.take() {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
+
+/// This run's private directory: made anew under the system temp dir with a random name, so
+/// nothing planted there in advance (a symlink, say) is ever followed. Others may pass through
+/// it (a cluster run as `postgres` must reach its data) but not list it.
+fn run_dir() -> std::path::PathBuf {
+    let mut run = RUN.lock().unwrap();
+    if let Some(dir) = &run.dir {
+        return dir.clone();
+    }
+    let dir = std::env::temp_dir().join(format!(
+        "tally-test-{}-{:016x}",
+        std::process::id(),
+        random_u64()
+    ));
+    // create_dir fails on anything already there, a symlink included.
+    std::fs::create_dir(&dir).expect("a private directory for this test run");
+    std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o711)).unwrap();
+    run.dir = Some(dir.clone());
+    dir
+}
+
+/// A new directory in this run's private directory.
+pub fn fresh_dir(name: &str) -> std::path::PathBuf {
+    let dir = run_dir().join(format!("{name}-{:016x}", random_u64()));
+    std::fs::create_dir(&dir).expect("a fresh directory");
+    dir
+}
+
+/// This run's app and read-only roles: names of its own (roles are cluster-wide, and parallel
+/// runs must not race on them) and one password.
+pub struct RunRoles {
+    pub names: Roles,
+    pub password: String,
+}
+
+pub fn run_roles() -> &'static RunRoles {
+    static ROLES: OnceLock<RunRoles> = OnceLock::new();
+    ROLES.get_or_init(|| {
+        let run = format!("{}_{:08x}", std::process::id(), random_u64() as u32);
+        RunRoles {
+            names: Roles {
+                app: format!("tally_test_app_{run}"),
+                readonly: format!("tally_test_ro_{run}"),
+            },
+            password: format!("{:016x}{:016x}", random_u64(), random_u64()),
+        }
     })
-    .join()
-    .unwrap();
 }
 
-/// The process id in a test database's name; None for a name of another shape (an older
-/// suite's), which is dropped.
-fn run_of(name: &str) -> Option<u32> {
-    name.strip_prefix(TEST_DB_PREFIX)?
-        .split_once('_')?
-        .0
-        .parse()
-        .ok()
+/// Makes this run's roles on `server_url`'s server, once per server.
+async fn ensure_run_roles(server_url: &str) {
+    static MADE: tokio::sync::Mutex<Vec<String>> = tokio::sync::Mutex::const_new(Vec::new());
+    let mut made = MADE.lock().await;
+    if made.iter().any(|s| s == server_url) {
+        return;
+    }
+    let admin = tally_shared::pg::connect(server_url)
+        .await
+        .expect("connect");
+    let roles = run_roles();
+    let password = Some(roles.password.as_str());
+    roles::ensure(
+        &admin,
+        &roles.names,
+        [password, password],
+        roles::Limits::default(),
+    )
+    .await
+    .expect("this run's roles");
+    made.push(server_url.to_owned());
+    RUN.lock().unwrap().roles_on.push(server_url.to_owned());
 }
 
-fn run_is_alive(pid: u32) -> bool {
-    std::path::Path::new(&format!("/proc/{pid}")).exists()
+/// The environment that makes a spawned `tally` runner make and use this run's roles (with
+/// their password) rather than the default ones.
+pub fn role_env() -> [(&'static str, String); 4] {
+    let roles = run_roles();
+    [
+        ("APP_DB_ROLE", roles.names.app.clone()),
+        ("READONLY_DB_ROLE", roles.names.readonly.clone()),
+        ("APP_DB_PASSWORD", roles.password.clone()),
+        ("READONLY_DB_PASSWORD", roles.password.clone()),
+    ]
 }
+
+/// `db_url` connecting as this run's app role (as the functions do).
+pub fn as_app(db_url: &str) -> String {
+    let roles = run_roles();
+    tally_shared::pg::with_user(db_url, &roles.names.app, Some(&roles.password))
+}
+
+/// `db_url` connecting as this run's read-only role.
+pub fn as_readonly(db_url: &str) -> String {
+    let roles = run_roles();
+    tally_shared::pg::with_user(db_url, &roles.names.readonly, Some(&roles.password))
+}
+
+const TEST_DB_PREFIX: &str = "tally_test_";
 
 pub use tally_shared::pg::with_database;
 
@@ -99,8 +202,19 @@ pub async fn fresh_database(server_url: &str) -> String {
     fresh_database_at(server_url, None).await
 }
 
-/// A fresh database migrated up to `version` (all migrations when None).
+/// A fresh database migrated up to `version` (all migrations when None), dropped when the run
+/// ends.
 pub async fn fresh_database_at(server_url: &str, version: Option<i32>) -> String {
+    let url = empty_database(server_url).await;
+    ensure_run_roles(server_url).await;
+    migrate::migrate_to(&url, version, &run_roles().names)
+        .await
+        .expect("migrate");
+    url
+}
+
+/// A new, empty database of this run's on `server_url`'s server.
+pub async fn empty_database(server_url: &str) -> String {
     let name = format!(
         "{TEST_DB_PREFIX}{}_{:016x}",
         std::process::id(),
@@ -113,9 +227,11 @@ pub async fn fresh_database_at(server_url: &str, version: Option<i32>) -> String
         .batch_execute(&format!("CREATE DATABASE \"{name}\""))
         .await
         .expect("create database");
-    let url = with_database(server_url, &name);
-    migrate::migrate_to(&url, version).await.expect("migrate");
-    url
+    let mut run = RUN.lock().unwrap();
+    if run.server.as_deref() == Some(server_url) {
+        run.databases.push(name.clone());
+    }
+    with_database(server_url, &name)
 }
 
 pub fn random_u64() -> u64 {
@@ -222,10 +338,15 @@ pub fn jwt_env() -> [(&'static str, &'static str); 3] {
     ]
 }
 
-/// Settings for an in-process server: the test database, small pool, short timeouts.
+/// Settings for an in-process server: the test database as the app role, small pool, short
+/// timeouts.
 pub fn test_config(db_url: &str, extra: &[(&str, &str)]) -> Config {
+    // The app role unless the test names another connection.
+    let url = (extra.iter())
+        .find(|(k, _)| *k == "DATABASE_URL")
+        .map_or_else(|| as_app(db_url), |(_, v)| v.to_string());
     let mut vars = vec![
-        ("DATABASE_URL".to_owned(), db_url.to_owned()),
+        ("DATABASE_URL".to_owned(), url),
         ("POOL_SIZE".to_owned(), "8".to_owned()),
         ("SHUTDOWN_GRACE_SECS".to_owned(), "5".to_owned()),
         ("JWT_LEEWAY_SECS".to_owned(), "0".to_owned()),
@@ -238,7 +359,11 @@ pub fn test_config(db_url: &str, extra: &[(&str, &str)]) -> Config {
                 .map(|(k, v)| (k.to_string(), v.to_string())),
         );
     }
-    vars.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    vars.extend(
+        (extra.iter())
+            .filter(|(k, _)| *k != "DATABASE_URL")
+            .map(|(k, v)| (k.to_string(), v.to_string())),
+    );
     Config::from_vars(vars).expect("test config")
 }
 
@@ -276,6 +401,27 @@ impl TestApp {
             db,
             client,
         }
+    }
+
+    /// One function alone, assembled as its `main` does, on this app's database: the
+    /// deployed shape (its own process, its own role), in-process.
+    pub async fn spawn_function(
+        &self,
+        name: &'static str,
+        routes: Vec<tally_shared::Route>,
+        extra: &[(&str, &str)],
+    ) -> TestApp {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let function = tally_shared::app::App::new(name, routes);
+        let state = function.state(test_config(&self.db_url, extra)).unwrap();
+        tokio::spawn(runtime::serve(
+            listener,
+            function.router(),
+            state,
+            std::future::pending(),
+        ));
+        TestApp::attach(port, &self.db_url).await
     }
 
     /// A client for a server on 127.0.0.1:`port` whose database may not answer yet: requests
@@ -615,6 +761,7 @@ pub fn runner_command(db_url: &str, port: u16) -> tokio::process::Command {
     let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_tally"));
     command
         .env("DATABASE_URL", db_url)
+        .envs(role_env())
         .env("PORT", port.to_string())
         .env("LOG_LEVEL", "error")
         .envs(jwt_env())

@@ -510,7 +510,7 @@ async fn a_function_binary_in_lambda_mode_serves_runtime_api_invocations() {
     .env("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "128")
     .env("AWS_LAMBDA_LOG_GROUP_NAME", "/aws/lambda/create-order")
     .env("AWS_LAMBDA_LOG_STREAM_NAME", "2026/11/25/[$LATEST]abc")
-    .env("DATABASE_URL", &db_url)
+    .env("DATABASE_URL", crate::helpers::as_app(&db_url))
     .env("LOG_LEVEL", "warn")
     .envs(jwt_env())
     .kill_on_drop(true)

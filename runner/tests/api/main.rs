@@ -12,6 +12,7 @@ mod helpers;
 mod lambda;
 mod lifecycle;
 mod orders;
+mod privileges;
 mod processor;
 mod products;
 mod schema_compat;

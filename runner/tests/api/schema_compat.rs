@@ -259,7 +259,7 @@ async fn a_migration_behind_a_long_reader_lets_orders_pass_and_retries() {
     };
     let url = db.clone();
     let migrator = tokio::spawn(async move {
-        tally_shared::migrate::migrate_with(&url, None, policy)
+        tally_shared::migrate::migrate_with(&url, None, &crate::helpers::run_roles().names, policy)
             .await
             .map(|(_, v)| v)
     });
@@ -293,53 +293,4 @@ async fn a_migration_behind_a_long_reader_lets_orders_pass_and_retries() {
         slowest < Duration::from_millis(700),
         "a write waited {slowest:?} behind the migrator"
     );
-}
-
-/// The suite's cleanup drops the databases of runs that are over, and never another live
-/// run's (two `cargo test` runs sharing one server must not pull each other's databases away).
-#[tokio::test]
-async fn leftover_test_databases_of_finished_runs_go_and_live_runs_keep_theirs() {
-    let server = admin_url();
-    let admin = tally_shared::pg::connect(server).await.unwrap();
-    let suffix = crate::helpers::random_u64() % 1_000_000;
-    // Process 1 always runs; a pid above the kernel's limit never does.
-    let live = format!("tally_test_1_{suffix}");
-    let over = format!("tally_test_4999999_{suffix}");
-    for name in [&live, &over] {
-        admin
-            .batch_execute(&format!("CREATE DATABASE \"{name}\""))
-            .await
-            .unwrap();
-    }
-    let s = server.to_owned();
-    tokio::task::spawn_blocking(move || crate::helpers::drop_leftover_databases(&s))
-        .await
-        .unwrap();
-    let exists = |name: String| {
-        let admin = &admin;
-        async move {
-            admin
-                .query_one(
-                    "SELECT count(*) FROM pg_database WHERE datname = $1",
-                    &[&name],
-                )
-                .await
-                .unwrap()
-                .get::<_, i64>(0)
-        }
-    };
-    assert_eq!(
-        exists(live.clone()).await,
-        1,
-        "a live run's database was dropped"
-    );
-    assert_eq!(
-        exists(over.clone()).await,
-        0,
-        "a finished run's database was left"
-    );
-    admin
-        .batch_execute(&format!("DROP DATABASE \"{live}\""))
-        .await
-        .unwrap();
 }
