@@ -175,7 +175,9 @@ async fn stream_dump(
 ) -> Result<(u64, String), BackupError> {
     let mut command = tool_command(pg_dump, database_url)?;
     command
-        .args(["--format=custom", "--no-owner", "--no-privileges"])
+        // The grants to the app and read-only roles come along: a restored database serves
+        // the functions as it was. (The roles themselves are cluster-wide: `migrate --roles`.)
+        .args(["--format=custom", "--no-owner"])
         // Never queue behind a long-held lock: fail, and let the next run try again.
         .arg(format!(
             "--lock-wait-timeout={}",

@@ -47,6 +47,9 @@ pub enum BackupError {
     Restore(String),
     #[error("verification failed: {0}")]
     Verify(String),
+    /// The operator's safeguards said no; the message says which flag overrides it.
+    #[error("refused: {0}")]
+    Refused(String),
 }
 
 /// Another backup holds the lock: a refusal of this function's own (409), not an outage.
@@ -98,8 +101,13 @@ const USAGE: &str = "usage:
   backup                                   serve POST / (one backup per request)
   backup run                               take one backup, apply retention
   backup restore [--backup KEY|latest] --target-db URL [--database NAME]
-                                           restore and verify (NAME: the backed-up database,
-                                           default the one in DATABASE_URL)
+                 [--replace-live] [--from-other-source]
+                                           restore into a scratch database, verify, swap it in
+                                           by rename (the old one is kept). NAME: the backed-up
+                                           database, default the one in DATABASE_URL. Refused
+                                           (exit 3): a target with open sessions without
+                                           --replace-live; a backup of another database than
+                                           the target without --from-other-source
   backup drill                             backup, restore into a scratch database, verify, drop
   backup list                              the finished backups, oldest first";
 
@@ -128,6 +136,7 @@ pub fn main(args: impl Iterator<Item = String>) -> ExitCode {
             tracing::error!(error = %e, command = args[0].as_str(), "backup command failed");
             ExitCode::from(match e {
                 BackupError::InProgress => 75,
+                BackupError::Refused(_) => 3,
                 _ => 1,
             })
         }
@@ -184,8 +193,12 @@ async fn command(args: &[String], config: &Config) -> Result<String, CommandErro
                 Some(d) => d,
                 None => pg::database_name(&source()?)?,
             };
+            let options = restore::RestoreOptions {
+                replace_live: args.iter().any(|a| a == "--replace-live"),
+                from_other_source: args.iter().any(|a| a == "--from-other-source"),
+            };
             Ok(json(
-                &restore::restore(&store, &database, &selector, &target).await?,
+                &restore::restore(&store, &database, &selector, &target, options).await?,
             ))
         }
         other => Err(Usage(format!("unknown command {other:?}"))),

@@ -1,6 +1,7 @@
-//! Restores, always verified: the dump is downloaded (streamed to a temporary file) and its
-//! SHA-256 checked against the manifest before the target is touched; after `pg_restore` the
-//! row counts must equal the manifest's, no stock may be negative, and the ledger must balance.
+//! Restores, always verified, never onto the live data: the dump is downloaded (streamed to a
+//! temporary file) and its SHA-256 checked against the manifest; it is restored into a scratch
+//! database, where the row counts must equal the manifest's, no stock may be negative and the
+//! ledger must balance; only then is it swapped in by rename, the old data kept beside it.
 //! The drill does backup → restore into a scratch database → verify → drop.
 
 use std::path::{Path as FsPath, PathBuf};
@@ -35,42 +36,212 @@ pub struct RestoreReport {
     pub tables_checked: usize,
     pub rows: i64,
     pub seconds: f64,
+    /// The database that now holds the restored data.
+    pub database: String,
+    /// Where the target's data before the restore was kept, if the target existed.
+    pub replaced_database: Option<String>,
 }
 
-/// Restores the selected backup of `database` into `target_url` and verifies it.
+/// What a restore may do beyond the safe default.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct RestoreOptions {
+    /// End the sessions on a target that has them. Without it, such a target is refused.
+    pub replace_live: bool,
+    /// Restore a backup taken of another database than the target.
+    pub from_other_source: bool,
+}
+
+/// Restores the selected backup of `database` into the database `target_url` names, without
+/// touching the target until the restore is whole and verified:
+/// 1. refuses a target with open sessions (unless `replace_live`), and a backup of another
+///    database than the target (unless `from_other_source`);
+/// 2. downloads the dump, checking its size and SHA-256, and restores it into a new scratch
+///    database on the target's server, where row counts, stock and ledger are verified;
+/// 3. swaps it in by rename. A target that existed is kept, renamed
+///    `<target>_replaced_<millis>`, until the operator drops it.
 pub async fn restore(
     config: &StoreConfig,
     database: &str,
     selector: &Selector,
     target_url: &str,
+    options: RestoreOptions,
 ) -> Result<RestoreReport, BackupError> {
     let started = Instant::now();
+    let target = database_name(target_url)?;
+    let admin = connect(&with_database(target_url, "postgres")).await?;
+    refuse_busy(&admin, &target, options).await?;
     let store = config.open()?;
     let manifest = find_manifest(store.as_ref(), config, database, selector).await?;
-    let scratch = tempdir()?;
-    let file = scratch.join("restore.dump");
-    let result = async {
-        download_verified(store.as_ref(), &manifest, &file).await?;
-        pg_restore(&file, target_url).await?;
-        verify(target_url, &manifest).await
+    if manifest.database != target && !options.from_other_source {
+        return Err(BackupError::Refused(format!(
+            "the backup is of database {:?}, the target is {target:?}: pass --from-other-source to restore it there anyway",
+            manifest.database
+        )));
     }
-    .await;
-    let _ = tokio::fs::remove_dir_all(&scratch).await;
-    let (tables_checked, rows) = result?;
+    let scratch = side_name(&target, "restoring");
+    admin
+        .batch_execute(&format!("CREATE DATABASE \"{scratch}\""))
+        .await
+        .map_err(db)?;
+    let scratch_url = with_database(target_url, &scratch);
+    let filled = fill_and_verify(store.as_ref(), &manifest, &scratch_url);
+    let swapped = match filled.await {
+        Ok(counts) => swap(&admin, &scratch, &target, options)
+            .await
+            .map(|old| (counts, old)),
+        Err(e) => Err(e),
+    };
+    let ((tables_checked, rows), replaced) = match swapped {
+        Ok(done) => done,
+        Err(e) => {
+            let drop = format!("DROP DATABASE IF EXISTS \"{scratch}\" WITH (FORCE)");
+            let _ = admin.batch_execute(&drop).await;
+            return Err(e);
+        }
+    };
     let report = RestoreReport {
         dump_key: manifest.dump_key.clone(),
         size_bytes: manifest.size_bytes,
         tables_checked,
         rows,
         seconds: started.elapsed().as_secs_f64(),
+        database: target,
+        replaced_database: replaced,
     };
-    tracing::info!(
-        key = report.dump_key,
-        seconds = report.seconds,
-        rows,
-        "restore verified"
-    );
+    tracing::info!(?report, "restore verified and swapped in");
     Ok(report)
+}
+
+/// Downloads and verifies the dump, restores it into `scratch_url`, and verifies the data.
+async fn fill_and_verify(
+    store: &dyn ObjectStore,
+    manifest: &Manifest,
+    scratch_url: &str,
+) -> Result<(usize, i64), BackupError> {
+    let dir = tempdir()?;
+    let file = dir.join("restore.dump");
+    let result = async {
+        download_verified(store, manifest, &file).await?;
+        pg_restore(&file, scratch_url).await?;
+        verify(scratch_url, manifest).await
+    }
+    .await;
+    let _ = tokio::fs::remove_dir_all(&dir).await;
+    result
+}
+
+/// `<target>_<what>_<millis>`, within PostgreSQL's 63 bytes.
+fn side_name(target: &str, what: &str) -> String {
+    let millis = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis();
+    let mut base = target.to_owned();
+    let room = 63 - what.len() - 2 - millis.to_string().len();
+    while base.len() > room {
+        base.pop();
+    }
+    format!("{base}_{what}_{millis}")
+}
+
+/// Sessions on `database` other than this one, after a short grace for ones closing.
+async fn sessions(admin: &Client, database: &str) -> Result<i64, BackupError> {
+    let mut waited = std::time::Duration::ZERO;
+    loop {
+        let n: i64 = admin
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()",
+                &[&database],
+            )
+            .await
+            .map_err(db)?
+            .get(0);
+        if n == 0 || waited >= std::time::Duration::from_secs(2) {
+            return Ok(n);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        waited += std::time::Duration::from_millis(100);
+    }
+}
+
+/// A target in use is refused unless the operator said to replace it live.
+async fn refuse_busy(
+    admin: &Client,
+    target: &str,
+    options: RestoreOptions,
+) -> Result<(), BackupError> {
+    if options.replace_live {
+        return Ok(());
+    }
+    match sessions(admin, target).await? {
+        0 => Ok(()),
+        n => Err(BackupError::Refused(format!(
+            "database {target:?} has {n} open sessions: stop its clients first, or pass --replace-live to end them (the old database is kept under another name)"
+        ))),
+    }
+}
+
+/// Renames the verified scratch database to `target`; a target that exists is first closed to
+/// new sessions, its own ended (with `replace_live`), and kept under a new name, returned.
+async fn swap(
+    admin: &Client,
+    scratch: &str,
+    target: &str,
+    options: RestoreOptions,
+) -> Result<Option<String>, BackupError> {
+    let exists = admin
+        .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&target])
+        .await
+        .map_err(db)?
+        .is_some();
+    if exists {
+        // Again: a client may have connected while the restore ran.
+        refuse_busy(admin, target, options).await?;
+        admin
+            .batch_execute(&format!(
+                "ALTER DATABASE \"{target}\" WITH ALLOW_CONNECTIONS false"
+            ))
+            .await
+            .map_err(db)?;
+        let kept = side_name(target, "replaced");
+        let renamed = end_sessions_and_rename(admin, target, &kept).await;
+        // Whatever happened, the database that now has the old data accepts sessions again.
+        let reopen = if renamed.is_ok() { &kept } else { target };
+        let _ = admin
+            .batch_execute(&format!(
+                "ALTER DATABASE \"{reopen}\" WITH ALLOW_CONNECTIONS true"
+            ))
+            .await;
+        renamed?;
+        rename(admin, scratch, target).await?;
+        return Ok(Some(kept));
+    }
+    rename(admin, scratch, target).await?;
+    Ok(None)
+}
+
+async fn end_sessions_and_rename(admin: &Client, from: &str, to: &str) -> Result<(), BackupError> {
+    admin
+        .execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE datname = $1 AND pid <> pg_backend_pid()",
+            &[&from],
+        )
+        .await
+        .map_err(db)?;
+    match sessions(admin, from).await? {
+        0 => rename(admin, from, to).await,
+        n => Err(BackupError::Restore(format!(
+            "{n} sessions on {from:?} would not end"
+        ))),
+    }
+}
+
+async fn rename(admin: &Client, from: &str, to: &str) -> Result<(), BackupError> {
+    admin
+        .batch_execute(&format!("ALTER DATABASE \"{from}\" RENAME TO \"{to}\""))
+        .await
+        .map_err(db)
 }
 
 async fn find_manifest(
@@ -138,12 +309,13 @@ async fn download_verified(
     Ok(())
 }
 
-/// `pg_restore --clean --if-exists` in one transaction: the target gets all of it or none.
+/// `pg_restore` into the fresh scratch database, in one transaction. The grants come with it
+/// (the app and read-only roles must exist on the server: `migrate --roles` makes them).
 async fn pg_restore(file: &FsPath, target_url: &str) -> Result<(), BackupError> {
     let tool = PgTool::find("pg_restore")?;
     let mut command = tool_command(&tool, target_url)?;
     command
-        .args(["--clean", "--if-exists", "--no-owner", "--no-privileges"])
+        .args(["--no-owner"])
         .args(["--single-transaction", "--exit-on-error"])
         .arg(file)
         .stdout(Stdio::null())
@@ -245,16 +417,17 @@ pub async fn drill(database_url: &str, config: &StoreConfig) -> Result<DrillRepo
         .as_millis();
     let scratch = format!("tally_drill_{millis}");
     let admin = connect(database_url).await?;
-    admin
-        .batch_execute(&format!("CREATE DATABASE \"{scratch}\""))
-        .await
-        .map_err(db)?;
     let target = with_database(database_url, &scratch);
+    let options = RestoreOptions {
+        from_other_source: true,
+        ..RestoreOptions::default()
+    };
     let restored = restore(
         config,
         &database,
         &Selector::Key(backup.manifest.dump_key.clone()),
         &target,
+        options,
     )
     .await;
     let dropped = admin

@@ -10,6 +10,12 @@ use std::time::{Duration, Instant};
 
 use backup::dump;
 use backup::restore::{self, Selector};
+
+/// Restoring a test's backup into another test database: a source other than the target.
+const OTHER_DB: restore::RestoreOptions = restore::RestoreOptions {
+    replace_live: false,
+    from_other_source: true,
+};
 use backup::store::StoreConfig;
 use http::Method;
 use object_store::path::Path;
@@ -228,11 +234,18 @@ async fn a_restore_brings_back_every_table_exactly_as_backed_up() {
         .unwrap();
     assert_ne!(checksums(&app.db_url).await, before);
 
+    let after = checksums(&app.db_url).await;
+    // The API is still connected: the operator says to replace it live.
+    let live = restore::RestoreOptions {
+        replace_live: true,
+        ..Default::default()
+    };
     let r = restore::restore(
         &s3.config(),
         &database_of(&app.db_url),
         &Selector::Latest,
         &app.db_url,
+        live,
     )
     .await
     .unwrap();
@@ -242,7 +255,28 @@ async fn a_restore_brings_back_every_table_exactly_as_backed_up() {
         before,
         "every table as it was at the backup"
     );
-    app.assert_books_balance().await;
+    // The data it replaced is kept, whole, beside it.
+    let kept = r.replaced_database.expect("the old database is kept");
+    let kept_url = tally_shared::pg::with_database(&app.db_url, &kept);
+    assert_eq!(checksums(&kept_url).await, after);
+    let admin = tally_shared::pg::connect(admin_url()).await.unwrap();
+    admin
+        .batch_execute(&format!("DROP DATABASE \"{kept}\""))
+        .await
+        .unwrap();
+    // The API's sessions were ended: a request on a dead pooled connection gets 503 (the
+    // pool then replaces it), and then orders are placed on the restored data.
+    let again = TestApp::attach(app.addr.port(), &app.db_url).await;
+    again.assert_books_balance().await;
+    let mut statuses = Vec::new();
+    while statuses.last() != Some(&201) && statuses.len() <= 8 {
+        statuses.push(again.order(1, &[(1, 1)]).await.status.as_u16());
+    }
+    assert!(
+        statuses.iter().all(|s| *s == 503 || *s == 201) && statuses.last() == Some(&201),
+        "{statuses:?}"
+    );
+    again.assert_books_balance().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -284,6 +318,7 @@ async fn a_backup_taken_during_a_storm_restores_consistent() {
         &database_of(&app.db_url),
         &Selector::Latest,
         &target,
+        OTHER_DB,
     )
     .await
     .unwrap();
@@ -442,6 +477,11 @@ async fn a_corrupted_or_truncated_dump_is_refused_before_the_target_is_touched()
             &database_of(&app.db_url),
             &Selector::Latest,
             &target,
+            // Even told to replace a live target, a bad dump never reaches it.
+            restore::RestoreOptions {
+                replace_live: true,
+                from_other_source: true,
+            },
         )
         .await
         .unwrap_err();
@@ -600,6 +640,7 @@ async fn a_large_database_backs_up_in_bounded_memory() {
         &database_of(&db_url),
         &Selector::Latest,
         &target,
+        OTHER_DB,
     )
     .await
     .unwrap();
@@ -649,10 +690,72 @@ async fn a_local_directory_store_serves_development() {
         &database_of(&app.db_url),
         &Selector::Latest,
         &target,
+        OTHER_DB,
     )
     .await
     .unwrap();
     assert_eq!(r.dump_key, report.manifest.dump_key);
     assert_eq!(checksums(&target).await, checksums(&app.db_url).await);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn a_restore_refuses_a_target_in_use_and_a_backup_of_another_database() {
+    let s3 = S3Server::start();
+    let app = TestApp::spawn().await;
+    app.order(1, &[(1, 2)]).await;
+    dump::backup(&app.db_url, &s3.config()).await.unwrap();
+    let target = fresh_database(admin_url()).await;
+    let client = tally_shared::pg::connect(&target).await.unwrap();
+    client
+        .batch_execute("CREATE TABLE marker (id int); INSERT INTO marker VALUES (42)")
+        .await
+        .unwrap();
+    let before = checksums(&target).await;
+    let source = database_of(&app.db_url);
+    let attempt = |options| {
+        let (config, source, target) = (s3.config(), source.clone(), target.clone());
+        async move { restore::restore(&config, &source, &Selector::Latest, &target, options).await }
+    };
+    // In use (this test's session), and of another database.
+    for options in [restore::RestoreOptions::default(), OTHER_DB] {
+        let e = attempt(options).await.unwrap_err();
+        assert!(
+            matches!(&e, backup::BackupError::Refused(m) if m.contains("--replace-live")),
+            "{e}"
+        );
+    }
+    drop(client);
+    let e = attempt(restore::RestoreOptions::default())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&e, backup::BackupError::Refused(m) if m.contains("--from-other-source")),
+        "{e}"
+    );
+    assert_eq!(
+        checksums(&target).await,
+        before,
+        "each refusal left it as it was"
+    );
+    let admin = tally_shared::pg::connect(admin_url()).await.unwrap();
+    let scratch: i64 = admin
+        .query_one(
+            "SELECT count(*) FROM pg_database WHERE datname LIKE '%_restoring_%'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(scratch, 0, "no scratch database left behind");
+
+    let r = attempt(OTHER_DB).await.unwrap();
+    assert_eq!(checksums(&target).await, checksums(&app.db_url).await);
+    let kept = r.replaced_database.expect("the old target is kept");
+    let kept_url = tally_shared::pg::with_database(&target, &kept);
+    assert_eq!(checksums(&kept_url).await, before);
+    admin
+        .batch_execute(&format!("DROP DATABASE \"{kept}\""))
+        .await
+        .unwrap();
 }
