@@ -20,6 +20,10 @@ pub struct Config {
     pub host: IpAddr,
     #[serde(default = "defaults::port")]
     pub port: u16,
+    /// Where `/metrics` is served, on `HOST`: its own port, never the public one; 0 serves no
+    /// metrics.
+    #[serde(default = "defaults::metrics_port")]
+    pub metrics_port: u16,
     /// Connections per process. Small on purpose: on a hot product, requests are better queued
     /// in the pool than on the row lock.
     #[serde(default = "defaults::pool_size")]
@@ -87,6 +91,9 @@ mod defaults {
     }
     pub fn port() -> u16 {
         8080
+    }
+    pub fn metrics_port() -> u16 {
+        9090
     }
     pub fn pool_size() -> u32 {
         4
@@ -163,6 +170,12 @@ impl Config {
                 "HEADER_READ_TIMEOUT_MS, BODY_READ_TIMEOUT_MS and MAX_CONNECTIONS must be at least 1"
                     .into(),
             ));
+        }
+        if self.metrics_port != 0 && self.metrics_port == self.port {
+            return Err(ConfigError(format!(
+                "METRICS_PORT={} is the public PORT: metrics get a port of their own (or 0 for none)",
+                self.metrics_port
+            )));
         }
         if self.log_level.parse::<tracing::Level>().is_err() {
             return Err(ConfigError(format!(

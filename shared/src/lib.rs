@@ -5,13 +5,14 @@
 //! (`tests/layers.rs` checks every edge against its list of layers):
 //! - [`app`]: assembles a process (settings, telemetry, runtime, pool, [`AppState`]) and runs a
 //!   transport or a worker until SIGTERM. Every function's `main` is one call to it.
-//! - [`runtime`] (hyper: connections, timeouts, the body cap, graceful shutdown) and [`lambda`]
+//! - [`runtime`] (hyper: connections, timeouts, the body cap, graceful shutdown, `/metrics` on
+//!   its own port) and [`lambda`]
 //!   (the same requests under AWS Lambda): the two transports, side by side.
 //! - [`service`]: one request end to end: request id, dispatch, the one error mapping, metrics
 //!   and the access log. A request enters here from either transport.
 //! - [`sql`]: where a handler's SQL runs (checkout, timing, first row or error) and how the
 //!   outcomes SQL answers become the caller's enum.
-//! - [`router`]: `(method, path pattern)` → handler, with 404/405, `/healthz`, `/metrics`, and
+//! - [`router`]: `(method, path pattern)` → handler, with 404/405, `/healthz`, and
 //!   the [`AppState`] handlers get (the pool checkout, where SQL starts).
 //! - [`auth`]: bearer JWT verification and the [`auth::Principal`] a request acts as.
 //!   [`meters`]: Prometheus metrics.

@@ -157,19 +157,12 @@ impl Router {
             Method::GET | Method::HEAD => Ok(()),
             _ => Err(ApiError::MethodNotAllowed(vec![Method::GET, Method::HEAD])),
         };
-        match path.as_str() {
-            "/healthz" => {
-                let result = match get_only(&request) {
-                    Ok(()) => health(&state).await,
-                    Err(e) => Err(e),
-                };
-                return (result, "/healthz");
-            }
-            "/metrics" => {
-                let result = get_only(&request).map(|()| metrics_text(&state));
-                return (result, "/metrics");
-            }
-            _ => {}
+        if path == "/healthz" {
+            let result = match get_only(&request) {
+                Ok(()) => health(&state).await,
+                Err(e) => Err(e),
+            };
+            return (result, "/healthz");
         }
         let mut allowed = Vec::new();
         for route in &self.routes {
@@ -197,18 +190,6 @@ impl Router {
             (Err(ApiError::MethodNotAllowed(allowed)), "unmatched")
         }
     }
-}
-
-/// `GET /metrics`: Prometheus text format.
-fn metrics_text(state: &AppState) -> Response {
-    http::Response::builder()
-        .status(StatusCode::OK)
-        .header(
-            header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )
-        .body(Bytes::from(crate::meters::render(&state.pool)))
-        .expect("static response is valid")
 }
 
 /// The readiness probe: 200 `ok` when Postgres answers a query, 503 otherwise.

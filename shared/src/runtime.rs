@@ -31,6 +31,9 @@ pub async fn serve(
     let grace = state.config.shutdown_grace();
     meters::install();
     meters::spawn_upkeep();
+    let metrics = metrics_listener(&state)
+        .await
+        .map(|l| tokio::spawn(serve_metrics(l, state.clone())));
     let router = Arc::new(router);
     let header_timeout = state.config.header_read_timeout();
     let builder = connection_builder(header_timeout);
@@ -62,23 +65,13 @@ pub async fn serve(
         let watcher = graceful.watcher();
         tokio::spawn(async move {
             let _slot = slot;
-            // hyper's header timeout starts once it knows the protocol: until then (nothing
-            // sent, or half an HTTP/2 preface) this bound applies.
-            if !protocol_known_in_time(&stream, header_timeout).await {
-                return;
-            }
-            let service = service_fn(move |request| {
-                let router = router.clone();
-                let state = state.clone();
-                async move { Ok::<_, Infallible>(answer(request, &router, state).await) }
-            });
-            let connection = builder.serve_connection(TokioIo::new(stream), service);
-            if let Err(e) = watcher.watch(connection).await {
-                tracing::debug!(error = %e, "connection ended with an error");
-            }
+            serve_connection(stream, (router, state), &builder, watcher, header_timeout).await;
         });
     }
     drop(listener);
+    if let Some(metrics) = metrics {
+        metrics.abort();
+    }
     tracing::info!(
         grace_secs = grace.as_secs(),
         "shutting down: draining in-flight requests"
@@ -88,6 +81,30 @@ pub async fn serve(
         .is_err()
     {
         tracing::warn!("grace period over with requests still in flight");
+    }
+}
+
+/// One accepted connection, until it closes or the server shuts down.
+async fn serve_connection(
+    stream: tokio::net::TcpStream,
+    (router, state): (Arc<Router>, AppState),
+    builder: &auto::Builder<TokioExecutor>,
+    watcher: hyper_util::server::graceful::Watcher,
+    header_timeout: std::time::Duration,
+) {
+    // hyper's header timeout starts once it knows the protocol: until then (nothing sent, or
+    // half an HTTP/2 preface) this bound applies.
+    if !protocol_known_in_time(&stream, header_timeout).await {
+        return;
+    }
+    let service = service_fn(move |request| {
+        let router = router.clone();
+        let state = state.clone();
+        async move { Ok::<_, Infallible>(answer(request, &router, state).await) }
+    });
+    let connection = builder.serve_connection(TokioIo::new(stream), service);
+    if let Err(e) = watcher.watch(connection).await {
+        tracing::debug!(error = %e, "connection ended with an error");
     }
 }
 
@@ -145,6 +162,77 @@ pub async fn serve_unavailable(
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
         });
+    }
+}
+
+/// The metrics listener on `METRICS_PORT` (none when it is 0). A port that cannot be bound is
+/// logged and the API served without it: metrics are not worth an outage.
+async fn metrics_listener(state: &AppState) -> Option<TcpListener> {
+    let port = state.config.metrics_port;
+    if port == 0 {
+        return None;
+    }
+    let addr = std::net::SocketAddr::new(state.config.host, port);
+    match TcpListener::bind(addr).await {
+        Ok(listener) => {
+            tracing::info!(%addr, "metrics on /metrics");
+            Some(listener)
+        }
+        Err(e) => {
+            tracing::error!(%addr, error = %e, "cannot listen for metrics; serving without them");
+            None
+        }
+    }
+}
+
+/// Connections the metrics port serves at once: Prometheus needs one or two.
+const METRICS_CONNECTIONS: usize = 8;
+
+/// `GET /metrics` (Prometheus text) on its own port, never on the public one: a client of the
+/// API can neither read it nor reach it. Knative allows a Service one container port, so
+/// this one is not declared; Prometheus scrapes it on the pod IP (see the README).
+async fn serve_metrics(listener: TcpListener, state: AppState) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(METRICS_CONNECTIONS));
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            continue;
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            continue;
+        };
+        let state = state.clone();
+        tokio::spawn(async move {
+            let _slot = slot;
+            let timeout = state.config.header_read_timeout();
+            let service = service_fn(move |request: hyper::Request<Incoming>| {
+                let response = metrics_response(&request, &state);
+                async move { Ok::<_, Infallible>(response.map(Full::new)) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(timeout)
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+/// `/metrics` answers GET and HEAD; nothing else is there.
+fn metrics_response(request: &hyper::Request<Incoming>, state: &AppState) -> http::Response<Bytes> {
+    match (request.uri().path(), request.method()) {
+        ("/metrics", &http::Method::GET | &http::Method::HEAD) => http::Response::builder()
+            .status(http::StatusCode::OK)
+            .header(
+                header::CONTENT_TYPE,
+                "text/plain; version=0.0.4; charset=utf-8",
+            )
+            .body(Bytes::from(meters::render(&state.pool)))
+            .expect("static response is valid"),
+        ("/metrics", _) => {
+            ApiError::MethodNotAllowed(vec![http::Method::GET, http::Method::HEAD]).into_response()
+        }
+        _ => ApiError::NotFound.into_response(),
     }
 }
 

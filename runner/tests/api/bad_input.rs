@@ -443,7 +443,8 @@ async fn control_characters_in_any_text_field_are_a_400_not_a_500() {
 
 #[tokio::test]
 async fn invented_methods_and_paths_cannot_grow_the_metrics() {
-    let app = TestApp::spawn().await;
+    let port = crate::faults::free_port().to_string();
+    let app = TestApp::spawn_on(crate::helpers::admin_url(), &[("METRICS_PORT", &port)]).await;
     for i in 0..40 {
         let method = Method::from_bytes(format!("INVENTED{i}").as_bytes()).unwrap();
         let r = app
@@ -451,7 +452,19 @@ async fn invented_methods_and_paths_cannot_grow_the_metrics() {
             .await;
         assert!(r.status.is_client_error(), "{}", r.status);
     }
-    let metrics = String::from_utf8(app.get("/metrics").await.body.to_vec()).unwrap();
+    // Not on the public port: on METRICS_PORT, which serves nothing else.
+    app.get("/metrics").await.assert_problem(404, "not_found");
+    let scraper = TestApp::attach(port.parse().unwrap(), &app.db_url).await;
+    scraper
+        .get("/orders/1")
+        .await
+        .assert_problem(404, "not_found");
+    scraper
+        .request(Method::POST, "/metrics", &[], "")
+        .await
+        .assert_problem(405, "method_not_allowed");
+    let metrics = String::from_utf8(scraper.get("/metrics").await.body.to_vec()).unwrap();
+    assert!(metrics.contains("tally_http_requests_total"), "{metrics}");
     assert!(!metrics.contains("INVENTED"), "a raw method became a label");
     assert!(!metrics.contains("/nowhere-"), "a raw path became a label");
     assert!(

@@ -77,6 +77,7 @@ fn the_proxy_routes_every_path_the_runner_serves_to_its_function() {
 struct Function {
     child: Child,
     port: u16,
+    metrics_port: u16,
     workdir: PathBuf,
 }
 
@@ -87,7 +88,7 @@ impl Function {
 
     /// With `log`, the access log (info level) is readable on the child's stdout.
     fn spawn_logging(name: &str, db_url: &str, log: bool) -> Self {
-        let port = free_port();
+        let (port, metrics_port) = (free_port(), free_port());
         let workdir = PathBuf::from(format!(
             "{}/cwd-{name}-{:x}",
             env!("CARGO_TARGET_TMPDIR"),
@@ -114,6 +115,7 @@ impl Function {
             .env("HOME", &workdir)
             .env("TMPDIR", "/tmp")
             .env("PORT", port.to_string())
+            .env("METRICS_PORT", metrics_port.to_string())
             // Each function as deployed: connected as the app role.
             .env("DATABASE_URL", crate::helpers::as_app(db_url))
             .env("LOG_LEVEL", if log { "info" } else { "warn" })
@@ -125,6 +127,7 @@ impl Function {
         Self {
             child,
             port,
+            metrics_port,
             workdir,
         }
     }
@@ -151,24 +154,12 @@ impl Function {
         headers: &[(&str, &str)],
         body: &str,
     ) -> (u16, String) {
-        let mut s = TcpStream::connect(("127.0.0.1", self.port)).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        let mut head = format!(
-            "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {}\r\n",
-            body.len()
-        );
-        for (name, value) in headers {
-            head.push_str(&format!("{name}: {value}\r\n"));
-        }
-        write!(s, "{head}\r\n{body}").unwrap();
-        let mut response = String::new();
-        s.read_to_string(&mut response).unwrap();
-        let status = response.split_whitespace().nth(1).unwrap().parse().unwrap();
-        let body = response
-            .split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_owned())
-            .unwrap_or_default();
-        (status, body)
+        send_to(self.port, method, path, headers, body)
+    }
+
+    /// `GET /metrics` on the metrics port.
+    fn scrape(&self) -> (u16, String) {
+        send_to(self.metrics_port, "GET", "/metrics", &[], "")
     }
 
     /// Spawn → first 200 on /healthz (which asks Postgres).
@@ -383,7 +374,12 @@ async fn metrics_count_requests_orders_and_rejections_exactly() {
             );
         }
         assert_eq!(f.send("POST", "/orders", &[json], ok).0, 401);
-        let (status, text) = f.send("GET", "/metrics", &[], "");
+        assert_eq!(
+            f.send("GET", "/metrics", &[], "").0,
+            404,
+            "not on the public port"
+        );
+        let (status, text) = f.scrape();
         assert_eq!(status, 200);
         text
     })
@@ -527,4 +523,32 @@ fn the_runner_without_postgres_binaries_says_how_to_get_them() {
         stderr.contains("apt-get install postgresql") && stderr.contains("DATABASE_URL"),
         "{stderr}"
     );
+}
+
+/// One HTTP/1.1 request to 127.0.0.1:`port` on a fresh connection: (status, body).
+fn send_to(
+    port: u16,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> (u16, String) {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (name, value) in headers {
+        head.push_str(&format!("{name}: {value}\r\n"));
+    }
+    write!(s, "{head}\r\n{body}").unwrap();
+    let mut response = String::new();
+    s.read_to_string(&mut response).unwrap();
+    let status = response.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
 }

@@ -341,16 +341,18 @@ pub fn jwt_env() -> [(&'static str, &'static str); 3] {
 /// Settings for an in-process server: the test database as the app role, small pool, short
 /// timeouts.
 pub fn test_config(db_url: &str, extra: &[(&str, &str)]) -> Config {
-    // The app role unless the test names another connection.
-    let url = (extra.iter())
-        .find(|(k, _)| *k == "DATABASE_URL")
-        .map_or_else(|| as_app(db_url), |(_, v)| v.to_string());
-    let mut vars = vec![
-        ("DATABASE_URL".to_owned(), url),
-        ("POOL_SIZE".to_owned(), "8".to_owned()),
-        ("SHUTDOWN_GRACE_SECS".to_owned(), "5".to_owned()),
-        ("JWT_LEEWAY_SECS".to_owned(), "0".to_owned()),
-    ];
+    // The app role, and no metrics port (parallel servers would contend for one), unless the
+    // test says otherwise; what it says wins.
+    let mut vars: std::collections::BTreeMap<String, String> = [
+        ("DATABASE_URL", as_app(db_url)),
+        ("POOL_SIZE", "8".into()),
+        ("SHUTDOWN_GRACE_SECS", "5".into()),
+        ("JWT_LEEWAY_SECS", "0".into()),
+        ("METRICS_PORT", "0".into()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect();
     // A test that configures its own keys gets none of the defaults.
     if !extra.iter().any(|(k, _)| k.starts_with("JWT_")) {
         vars.extend(
@@ -359,11 +361,7 @@ pub fn test_config(db_url: &str, extra: &[(&str, &str)]) -> Config {
                 .map(|(k, v)| (k.to_string(), v.to_string())),
         );
     }
-    vars.extend(
-        (extra.iter())
-            .filter(|(k, _)| *k != "DATABASE_URL")
-            .map(|(k, v)| (k.to_string(), v.to_string())),
-    );
+    vars.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
     Config::from_vars(vars).expect("test config")
 }
 
@@ -763,6 +761,7 @@ pub fn runner_command(db_url: &str, port: u16) -> tokio::process::Command {
         .env("DATABASE_URL", db_url)
         .envs(role_env())
         .env("PORT", port.to_string())
+        .env("METRICS_PORT", "0")
         .env("LOG_LEVEL", "error")
         .envs(jwt_env())
         .env("PROCESS_EVERY_MS", "0")
