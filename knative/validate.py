@@ -104,8 +104,81 @@ def connection_budget(docs):
     return used, available, lines
 
 
+# Least privilege: which database Secret (role) and whether the signing key each workload may
+# see. The owner's Secret only where the schema is changed or dumped; the public key only where
+# a route authenticates (list-products serves the public catalog only).
+ACCESS = {
+    "Service/list-products": ("tally-db-readonly", False),
+    "Service/get-order": ("tally-db-readonly", True),
+    "Service/create-order": ("tally-db-app", True),
+    "Service/cancel-order": ("tally-db-app", True),
+    "Service/admin-products": ("tally-db-app", True),
+    "Service/process-orders": ("tally-db-app", True),
+    "Service/backup": ("tally-db", True),
+    "Job/migrate": ("tally-db", False),
+    "CronJob/backup": ("tally-db", False),
+    "CronJob/restore-drill": ("tally-db", False),
+}
+
+
+def secrets_of(pod_spec):
+    names = set()
+    for c in pod_spec.get("containers", []):
+        for e in c.get("envFrom", []):
+            if "secretRef" in e:
+                names.add(e["secretRef"]["name"])
+        for e in c.get("env", []):
+            ref = e.get("valueFrom", {}).get("secretKeyRef")
+            if ref:
+                names.add(ref["name"])
+    return names
+
+
+def pod_specs(docs):
+    for d in docs:
+        if d["kind"] == "Service" and d["apiVersion"].startswith("serving.knative.dev"):
+            yield "Service/" + d["metadata"]["name"], d["spec"]["template"]["spec"]
+        elif d["kind"] == "Job":
+            yield "Job/" + d["metadata"]["name"], d["spec"]["template"]["spec"]
+        elif d["kind"] == "CronJob":
+            yield "CronJob/" + d["metadata"]["name"], d["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+
+
+# The queue-proxy sidecar shares each Knative pod's network and listens on these.
+QUEUE_PROXY_PORTS = {8008, 8012, 8013, 8022, 9090, 9091}
+
+
+def port_problems(docs):
+    problems = []
+    for d in docs:
+        if d["kind"] == "ConfigMap" and "METRICS_PORT" in d.get("data", {}):
+            if int(d["data"]["METRICS_PORT"]) in QUEUE_PROXY_PORTS:
+                problems.append(f"METRICS_PORT {d['data']['METRICS_PORT']} is a Knative queue-proxy port")
+        if d["kind"] == "Service" and d["apiVersion"].startswith("serving.knative.dev"):
+            port = d["spec"]["template"]["metadata"].get("annotations", {}).get("prometheus.io/port")
+            if port and int(port) in QUEUE_PROXY_PORTS:
+                problems.append(f"Service/{d['metadata']['name']}: prometheus.io/port {port} is a Knative queue-proxy port")
+    return problems
+
+
+def privilege_problems(docs):
+    problems = []
+    for name, spec in pod_specs(docs):
+        if name not in ACCESS:
+            problems.append(f"least privilege: {name} is not in validate.py's ACCESS table")
+            continue
+        db_secret, needs_key = ACCESS[name]
+        seen = secrets_of(spec)
+        for other in {"tally-db", "tally-db-app", "tally-db-readonly"} - {db_secret}:
+            if other in seen:
+                problems.append(f"least privilege: {name} mounts {other}; it should use {db_secret} only")
+        if ("tally-jwt" in seen) != needs_key:
+            problems.append(f"least privilege: {name} {'lacks' if needs_key else 'mounts'} the signing key Secret tally-jwt")
+    return problems
+
+
 def check(docs, label):
-    errors = [p for d in docs for p in problems_of(d)]
+    errors = [p for d in docs for p in problems_of(d)] + privilege_problems(docs) + port_problems(docs)
     if errors:
         return errors, 0, 0, []
     used, available, lines = connection_budget(docs)
@@ -148,13 +221,30 @@ def mutations(docs):
         ps["spec"]["schedul"] = ps["spec"].pop("schedule")
         return ds
 
+    def key_in_public_function(ds):
+        svc = find(ds, "Service", "list-products")[0]
+        svc["spec"]["template"]["spec"]["containers"][0].setdefault("envFrom", []).append(
+            {"secretRef": {"name": "tally-jwt"}})
+        return ds
+
+    def owner_role_in_a_function(ds):
+        svc = find(ds, "Service", "create-order")[0]
+        svc["spec"]["template"]["spec"]["containers"][0].setdefault("envFrom", []).append(
+            {"secretRef": {"name": "tally-db"}})
+        return ds
+
+    def metrics_on_a_queue_proxy_port(ds):
+        find(ds, "ConfigMap", "tally-config")[0]["data"]["METRICS_PORT"] = "9090"
+        return ds
+
     def over_budget(ds):
         svc = find(ds, "Service", "create-order")[0]
         svc["spec"]["template"]["metadata"]["annotations"]["autoscaling.knative.dev/max-scale"] = "100"
         return ds
 
     return [f for f in (knative_container_typo, knative_probe_typo, statefulset_container_typo,
-                        cronjob_typo, pingsource_typo, over_budget)]
+                        cronjob_typo, pingsource_typo, key_in_public_function,
+                        owner_role_in_a_function, metrics_on_a_queue_proxy_port, over_budget)]
 
 
 def main():
@@ -187,6 +277,12 @@ def main():
         print("FAIL secrets.template.yaml:", secret_errors or "holds a value that is not a placeholder")
     else:
         print(f"ok   secrets.template.yaml: {len(secrets)} Secret templates, placeholders only")
+    jwt = next(d for d in secrets if d["metadata"]["name"] == "tally-jwt").get("stringData", {})
+    if "JWT_PUBLIC_KEY_PEM" not in jwt or {"JWT_HS256_SECRET", "JWT_PRIVATE_KEY_PEM"} & set(jwt):
+        failed = True
+        print("FAIL secrets.template.yaml: tally-jwt must carry a public key only (no HS256 secret, no private key)")
+    else:
+        print("ok   tally-jwt: a public key only")
     return 1 if failed else 0
 
 

@@ -132,13 +132,22 @@ struct Server {
 }
 
 impl Server {
-    /// Serves `db_url` as the app role, as deployed functions do.
+    /// Serves `db_url` as the app role, as deployed functions do. The runner is given the
+    /// owner's URL and the roles' password: it makes the roles and connects as the app role
+    /// itself.
     fn start(binary: &PathBuf, db_url: &str, pool: u32) -> Self {
         let port = free_port();
-        let app_url =
-            tally_shared::pg::with_user(db_url, &Roles::default().app, Some(app_password()));
+        let is_runner = binary.file_name().is_some_and(|n| n == "tally");
+        let url = if is_runner {
+            db_url.to_owned()
+        } else {
+            tally_shared::pg::with_user(db_url, &Roles::default().app, Some(app_password()))
+        };
         let child = Command::new(binary)
-            .env("DATABASE_URL", app_url)
+            .env("DATABASE_URL", url)
+            .env("APP_DB_PASSWORD", app_password())
+            .env("READONLY_DB_PASSWORD", app_password())
+            .env("METRICS_PORT", "0")
             .env("PORT", port.to_string())
             .env("POOL_SIZE", pool.to_string())
             .env("JWT_HS256_SECRET", SECRET)

@@ -93,7 +93,7 @@ mod defaults {
         8080
     }
     pub fn metrics_port() -> u16 {
-        9090
+        9464
     }
     pub fn pool_size() -> u32 {
         4

@@ -8,6 +8,9 @@ mod embedded {
     refinery::embed_migrations!("../sql/migrations");
 }
 
+/// What the app and read-only roles may do, applied after every run (see the file).
+const GRANTS_SQL: &str = include_str!("../../sql/grants.sql");
+
 /// The demo data: the seed project's users and products, with prices.
 pub const SEED_SQL: &str = include_str!("../../sql/seed.sql");
 
@@ -122,6 +125,10 @@ pub async fn migrate_with(
             other => break other,
         }
     };
+    // The grants, still under the lock (two migrators granting at once could collide).
+    if report.is_ok() {
+        client.batch_execute(GRANTS_SQL).await?;
+    }
     // The client goes back to the caller (the seed): without this migration's lock timeout.
     client.batch_execute("RESET lock_timeout").await?;
     client

@@ -61,6 +61,14 @@ impl Default for Limits {
 pub enum RoleError {
     #[error("{0:?} is not a role name this tool creates: use 1 to 63 of a-z, 0-9 and _")]
     BadName(String),
+    #[error("the app and read-only roles must be two different names")]
+    SameName,
+    #[error(
+        "role {0:?} is the connecting user, or has SUPERUSER, CREATEROLE, CREATEDB, REPLICATION \
+         or BYPASSRLS: the functions' roles may only log in (choose another APP_DB_ROLE / \
+         READONLY_DB_ROLE, or remove those attributes)"
+    )]
+    Elevated(String),
     #[error(
         "creating or altering role {role}: {source} (the connecting user needs CREATEROLE, or \
          create the roles yourself and run without --roles)"
@@ -85,6 +93,9 @@ impl Roles {
                 return Err(RoleError::BadName(name.clone()));
             }
         }
+        if self.app == self.readonly {
+            return Err(RoleError::SameName);
+        }
         Ok(())
     }
 
@@ -103,7 +114,8 @@ impl Roles {
 
 /// Creates the roles that do not exist yet, and (re)sets what each may do: log in, with the
 /// given password (none: the server's authentication decides, as with `trust` in
-/// development), nothing more, within `limits`. Safe to run on every deploy.
+/// development), within `limits`. Safe to run on every deploy, and by two migrators at once
+/// (a concurrent catalog update is retried).
 pub async fn ensure(
     client: &Client,
     roles: &Roles,
@@ -111,6 +123,39 @@ pub async fn ensure(
     limits: Limits,
 ) -> Result<(), RoleError> {
     roles.check()?;
+    let mut attempt = 0;
+    loop {
+        match ensure_once(client, roles, passwords, limits).await {
+            Err(RoleError::Database { source, .. })
+                if attempt < 5 && is_concurrent_update(&source) =>
+            {
+                attempt += 1;
+                tokio::time::sleep(std::time::Duration::from_millis(20 << attempt)).await;
+            }
+            other => return other,
+        }
+    }
+}
+
+/// Another session changed the same role at the same moment (two migrators, two runners).
+fn is_concurrent_update(e: &tokio_postgres::Error) -> bool {
+    use tokio_postgres::error::SqlState;
+    e.code().is_some_and(|c| {
+        [
+            SqlState::UNIQUE_VIOLATION,
+            SqlState::DUPLICATE_OBJECT,
+            SqlState::INTERNAL_ERROR,
+        ]
+        .contains(c)
+    })
+}
+
+async fn ensure_once(
+    client: &Client,
+    roles: &Roles,
+    passwords: [Option<&str>; 2],
+    limits: Limits,
+) -> Result<(), RoleError> {
     let readonly_extra = ["ALTER ROLE %I SET default_transaction_read_only = on"];
     for ((role, password), extra) in [&roles.app, &roles.readonly]
         .into_iter()
@@ -122,9 +167,9 @@ pub async fn ensure(
             source,
         };
         create_if_missing(client, role).await.map_err(wrap)?;
+        refuse_elevated(client, role).await?;
         let mut statements = vec![
-            "ALTER ROLE %I LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS"
-                .to_owned(),
+            "ALTER ROLE %I LOGIN".to_owned(),
             format!(
                 "ALTER ROLE %I SET statement_timeout = {}",
                 limits.statement_timeout_ms
@@ -141,7 +186,10 @@ pub async fn ensure(
                 .map_err(wrap)?;
         }
         if let Some(password) = password {
-            run_for(client, "ALTER ROLE %I PASSWORD %L", role, Some(password))
+            // A SCRAM verifier made here: the password itself never reaches the server, so no
+            // failed statement can write it to the server's log.
+            let verifier = postgres_protocol::password::scram_sha_256(password.as_bytes());
+            run_for(client, "ALTER ROLE %I PASSWORD %L", role, Some(&verifier))
                 .await
                 .map_err(wrap)?;
         }
@@ -149,7 +197,30 @@ pub async fn ensure(
     Ok(())
 }
 
-/// `CREATE ROLE`, unless it exists (another migrator may create it at the same moment).
+/// A role this tool would hand to the functions must not be the connecting user, or hold any
+/// power beyond logging in: such a role is refused, never altered (changing a superuser's
+/// attributes needs a superuser, and it is not this tool's to demote).
+async fn refuse_elevated(client: &Client, role: &str) -> Result<(), RoleError> {
+    let row = client
+        .query_one(
+            "SELECT r.rolname = current_user, \
+                    r.rolsuper OR r.rolcreaterole OR r.rolcreatedb OR r.rolreplication OR r.rolbypassrls \
+             FROM pg_roles r WHERE r.rolname = $1",
+            &[&role],
+        )
+        .await
+        .map_err(|source| RoleError::Database {
+            role: role.to_owned(),
+            source,
+        })?;
+    let (is_me, elevated): (bool, bool) = (row.get(0), row.get(1));
+    if is_me || elevated {
+        return Err(RoleError::Elevated(role.to_owned()));
+    }
+    Ok(())
+}
+
+/// `CREATE ROLE`, unless it exists.
 async fn create_if_missing(client: &Client, role: &str) -> Result<(), tokio_postgres::Error> {
     let exists = client
         .query_opt("SELECT 1 FROM pg_roles WHERE rolname = $1", &[&role])
@@ -158,10 +229,7 @@ async fn create_if_missing(client: &Client, role: &str) -> Result<(), tokio_post
     if exists {
         return Ok(());
     }
-    match run_for(client, "CREATE ROLE %I", role, None).await {
-        Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::DUPLICATE_OBJECT) => Ok(()),
-        other => other,
-    }
+    run_for(client, "CREATE ROLE %I", role, None).await
 }
 
 /// Runs a role statement. Utility statements take no parameters, so the server quotes the name

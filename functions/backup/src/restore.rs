@@ -69,6 +69,20 @@ pub async fn restore(
     let started = Instant::now();
     let target = database_name(target_url)?;
     let admin = connect(&with_database(target_url, "postgres")).await?;
+    // One restore of a database at a time (held until `admin` closes).
+    let mine: bool = admin
+        .query_one(
+            "SELECT pg_try_advisory_lock(hashtext('tally restore ' || $1))",
+            &[&target],
+        )
+        .await
+        .map_err(db)?
+        .get(0);
+    if !mine {
+        return Err(BackupError::Refused(format!(
+            "another restore of {target:?} is running"
+        )));
+    }
     refuse_busy(&admin, &target, options).await?;
     let store = config.open()?;
     let manifest = find_manifest(store.as_ref(), config, database, selector).await?;
@@ -80,7 +94,7 @@ pub async fn restore(
     }
     let scratch = side_name(&target, "restoring");
     admin
-        .batch_execute(&format!("CREATE DATABASE \"{scratch}\""))
+        .batch_execute(&format!("CREATE DATABASE {}", ident(&scratch)))
         .await
         .map_err(db)?;
     let scratch_url = with_database(target_url, &scratch);
@@ -94,7 +108,7 @@ pub async fn restore(
     let ((tables_checked, rows), replaced) = match swapped {
         Ok(done) => done,
         Err(e) => {
-            let drop = format!("DROP DATABASE IF EXISTS \"{scratch}\" WITH (FORCE)");
+            let drop = format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", ident(&scratch));
             let _ = admin.batch_execute(&drop).await;
             return Err(e);
         }
@@ -195,29 +209,40 @@ async fn swap(
         .map_err(db)?
         .is_some();
     if exists {
-        // Again: a client may have connected while the restore ran.
-        refuse_busy(admin, target, options).await?;
-        admin
-            .batch_execute(&format!(
-                "ALTER DATABASE \"{target}\" WITH ALLOW_CONNECTIONS false"
-            ))
-            .await
-            .map_err(db)?;
-        let kept = side_name(target, "replaced");
-        let renamed = end_sessions_and_rename(admin, target, &kept).await;
+        // Closed to new sessions first, then counted: nobody can connect between the count and
+        // the rename, and without --replace-live nobody's session is ended.
+        set_connections(admin, target, false).await?;
+        let kept = async {
+            refuse_busy(admin, target, options).await?;
+            let kept = side_name(target, "replaced");
+            end_sessions_and_rename(admin, target, &kept).await?;
+            Ok::<_, BackupError>(kept)
+        }
+        .await;
         // Whatever happened, the database that now has the old data accepts sessions again.
-        let reopen = if renamed.is_ok() { &kept } else { target };
-        let _ = admin
-            .batch_execute(&format!(
-                "ALTER DATABASE \"{reopen}\" WITH ALLOW_CONNECTIONS true"
-            ))
-            .await;
-        renamed?;
+        let reopen = kept.as_deref().unwrap_or(target);
+        let _ = set_connections(admin, reopen, true).await;
+        let kept = kept?;
         rename(admin, scratch, target).await?;
         return Ok(Some(kept));
     }
     rename(admin, scratch, target).await?;
     Ok(None)
+}
+
+async fn set_connections(admin: &Client, database: &str, allow: bool) -> Result<(), BackupError> {
+    admin
+        .batch_execute(&format!(
+            "ALTER DATABASE {} WITH ALLOW_CONNECTIONS {allow}",
+            ident(database)
+        ))
+        .await
+        .map_err(db)
+}
+
+/// A database name as an SQL identifier, whatever it holds.
+fn ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
 }
 
 async fn end_sessions_and_rename(admin: &Client, from: &str, to: &str) -> Result<(), BackupError> {
@@ -239,7 +264,11 @@ async fn end_sessions_and_rename(admin: &Client, from: &str, to: &str) -> Result
 
 async fn rename(admin: &Client, from: &str, to: &str) -> Result<(), BackupError> {
     admin
-        .batch_execute(&format!("ALTER DATABASE \"{from}\" RENAME TO \"{to}\""))
+        .batch_execute(&format!(
+            "ALTER DATABASE {} RENAME TO {}",
+            ident(from),
+            ident(to)
+        ))
         .await
         .map_err(db)
 }

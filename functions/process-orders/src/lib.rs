@@ -3,7 +3,8 @@
 //! 2. claims a batch with `FOR UPDATE SKIP LOCKED`, setting a lease, and commits the claim;
 //! 3. runs the fulfilment step for each claimed order outside any transaction, bounded by what
 //!    is left of the lease and with its panics caught, and records its outcome at once
-//!    (CONFIRMED; FAILED with restock; or lease released for a retry);
+//!    (CONFIRMED; FAILED with restock; lease released for a retry; or, when the step panicked
+//!    or was cut off, the claim left to run out);
 //! 4. deletes idempotency keys older than `IDEMPOTENCY_RETENTION_SECS`.
 //!
 //! Many processors may run at once: a claimed order is invisible to the others until its lease
@@ -63,11 +64,12 @@ impl TryFrom<RawProcessorConfig> for ProcessorConfig {
     fn try_from(raw: RawProcessorConfig) -> Result<Self, String> {
         let seconds = [
             ("ORDER_TTL_SECS", raw.order_ttl_secs, 1.0),
-            ("CLAIM_LEASE_SECS", raw.claim_lease_secs, 0.001),
+            ("CLAIM_LEASE_SECS", raw.claim_lease_secs, 0.1),
+            // A key must outlive any client's retries, or a retried order is placed twice.
             (
                 "IDEMPOTENCY_RETENTION_SECS",
                 raw.idempotency_retention_secs,
-                0.0,
+                3600.0,
             ),
         ];
         for (name, value, least) in seconds {
@@ -181,6 +183,9 @@ pub struct SweepSummary {
     /// The step finished, but another processor had taken the order over meanwhile: what the
     /// step did (a payment, say) was not recorded and needs compensation.
     pub lost_claims: u64,
+    /// The step panicked or was cut off at the end of its lease: what it did is unknown; the
+    /// claim runs out and the order is claimed again.
+    pub outcome_unknown: u64,
 }
 
 impl SweepSummary {
@@ -200,7 +205,8 @@ const CLAIM_SQL: &str = "UPDATE orders o \
      RETURNING o.id, o.user_id, o.total_cents, o.attempts";
 const CONFIRM_SQL: &str = "UPDATE orders SET status = 'CONFIRMED', claimed_until = NULL, \
      updated_at = now() WHERE id = $1 AND attempts = $2 AND status = 'PENDING'";
-const NOTE_FAILURE_SQL: &str = "UPDATE orders SET last_error = $3 \
+const NOTE_FAILURE_SQL: &str = "UPDATE orders \
+     SET last_error = $3 || coalesce(' (before: ' || last_error || ')', '') \
      WHERE id = $1 AND attempts = $2 AND status = 'PENDING'";
 const FAIL_SQL: &str = "SELECT outcome FROM fail_claimed_order($1, $2)";
 const RETRY_SQL: &str = "UPDATE orders SET claimed_until = NULL, last_error = $2 \
@@ -227,6 +233,7 @@ pub async fn sweep(
         ("expired", summary.expired),
         ("keys_deleted", summary.keys_deleted),
         ("lapsed", summary.lapsed),
+        ("outcome_unknown", summary.outcome_unknown),
     ] {
         counter!("tally_processor_orders_total", "outcome" => outcome).increment(n);
     }
@@ -257,8 +264,21 @@ async fn sweep_into(
             summary.lapsed += 1;
             continue;
         }
-        let outcome = run_step(step, order, remaining, config).await;
-        record(&*meters::checkout(pool).await?, order, outcome, summary).await?;
+        let decision = run_step(step, order, remaining, config).await;
+        let recorded = match meters::checkout(pool).await {
+            Ok(conn) => record(&conn, order, decision, summary).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = recorded {
+            // The claim runs out and the order is claimed again: a step that already ran will
+            // run again, so say so.
+            tracing::error!(
+                order_id = order.id,
+                cause = e.internal_cause().unwrap_or(""),
+                "the step's outcome could not be recorded; the sweep stops here"
+            );
+            return Err(e);
+        }
     }
     let params: [(&(dyn tokio_postgres::types::ToSql + Sync), Type); 1] =
         [(&config.idempotency_retention_secs, Type::FLOAT8)];
@@ -268,20 +288,38 @@ async fn sweep_into(
     Ok(())
 }
 
-/// Runs one order's step, cut off when its lease would run out, with its panics caught: a
-/// step that panics or overruns is retried on a later sweep, and fails its order once it has
-/// had `PROCESS_MAX_ATTEMPTS` claims.
+/// What became of one claimed order's step.
+enum Decision {
+    /// The step said.
+    Step(StepOutcome),
+    /// It panicked or was cut off at the end of its lease: it may have done its work (taken
+    /// a payment) or not. The claim is left to run out, so nobody retries it before then, and
+    /// the order is claimed again later; after `PROCESS_MAX_ATTEMPTS` claims it fails.
+    Unknown(String),
+}
+
+/// Runs one order's step, cut off when its lease would run out, with its panics caught. An
+/// order claimed more than `PROCESS_MAX_ATTEMPTS` times fails without running again: a step
+/// that crashes the whole process never reaches an outcome at all.
 async fn run_step(
     step: &dyn FulfilmentStep,
     order: &ClaimedOrder,
     remaining: Duration,
     config: &ProcessorConfig,
-) -> StepOutcome {
+) -> Decision {
+    if order.attempts > config.process_max_attempts {
+        counter!("tally_processor_step_troubles_total", "kind" => "gave_up").increment(1);
+        return Decision::Step(StepOutcome::Failed(format!(
+            "gave up after {} claims without an outcome (PROCESS_MAX_ATTEMPTS={})",
+            order.attempts - 1,
+            config.process_max_attempts
+        )));
+    }
     // The call inside the async block, so a step that panics before returning its future is
     // caught as well.
     let run = std::panic::AssertUnwindSafe(async { step.run(order).await }).catch_unwind();
     let (kind, trouble) = match tokio::time::timeout(remaining, run).await {
-        Ok(Ok(outcome)) => return outcome,
+        Ok(Ok(outcome)) => return Decision::Step(outcome),
         Ok(Err(panic)) => (
             "panic",
             format!("the fulfilment step panicked: {}", panic_text(&*panic)),
@@ -296,16 +334,9 @@ async fn run_step(
         order_id = order.id,
         attempts = order.attempts,
         trouble,
-        "fulfilment step"
+        "fulfilment step ended without an outcome: what it did is unknown; the order is claimed again after its lease"
     );
-    if order.attempts >= config.process_max_attempts {
-        StepOutcome::Failed(format!(
-            "gave up after {} attempts: {trouble}",
-            order.attempts
-        ))
-    } else {
-        StepOutcome::RetryLater(trouble)
-    }
+    Decision::Unknown(trouble)
 }
 
 /// A panic's message, when it has one.
@@ -372,11 +403,20 @@ async fn claim(
 async fn record(
     conn: &tokio_postgres::Client,
     order: &ClaimedOrder,
-    outcome: StepOutcome,
+    decision: Decision,
     summary: &mut SweepSummary,
 ) -> Result<(), ApiError> {
     let claim: [(&(dyn tokio_postgres::types::ToSql + Sync), Type); 2] =
         [(&order.id, Type::INT8), (&order.attempts, Type::INT4)];
+    let outcome = match decision {
+        Decision::Step(outcome) => outcome,
+        Decision::Unknown(trouble) => {
+            // Said on the order; the claim itself is left to run out.
+            note_failure(conn, order, &trouble).await?;
+            summary.outcome_unknown += 1;
+            return Ok(());
+        }
+    };
     match outcome {
         StepOutcome::Confirmed => {
             let confirm = conn.execute_typed(CONFIRM_SQL, &claim);
@@ -387,12 +427,7 @@ async fn record(
         }
         StepOutcome::Failed(reason) => {
             // The reason first, under the same guard, so a FAILED order says why.
-            let note: [(&(dyn tokio_postgres::types::ToSql + Sync), Type); 3] = [
-                (&order.id, Type::INT8),
-                (&order.attempts, Type::INT4),
-                (&reason, Type::TEXT),
-            ];
-            meters::timed("note_failure", conn.execute_typed(NOTE_FAILURE_SQL, &note)).await?;
+            note_failure(conn, order, &reason).await?;
             let rows = meters::timed("fail_order", conn.query_typed(FAIL_SQL, &claim)).await?;
             // An answer this code does not know is logged, and the sweep goes on.
             match rows
@@ -426,6 +461,21 @@ async fn record(
                 meters::timed("retry_order", conn.execute_typed(RETRY_SQL, &params)).await?;
         }
     }
+    Ok(())
+}
+
+/// Writes why on the order (the earlier reasons kept after it), while the claim holds.
+async fn note_failure(
+    conn: &tokio_postgres::Client,
+    order: &ClaimedOrder,
+    reason: &String,
+) -> Result<(), ApiError> {
+    let note: [(&(dyn tokio_postgres::types::ToSql + Sync), Type); 3] = [
+        (&order.id, Type::INT8),
+        (&order.attempts, Type::INT4),
+        (reason, Type::TEXT),
+    ];
+    meters::timed("note_failure", conn.execute_typed(NOTE_FAILURE_SQL, &note)).await?;
     Ok(())
 }
 

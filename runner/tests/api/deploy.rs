@@ -10,7 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::faults::free_port;
-use crate::helpers::{admin_url, fresh_database, jwt_env, random_u64};
+use crate::helpers::{TestApp, admin_url, fresh_database, jwt_env, random_u64};
 
 const WORKSPACE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
 
@@ -319,6 +319,32 @@ fn a_function_without_its_settings_stops_with_one_clear_line() {
         assert_eq!(stderr.lines().count(), 1, "{stderr}");
         assert!(stderr.contains(expect), "{stderr}");
     }
+}
+
+/// The public catalog needs no key material at all (none is mounted into it), and runs as the
+/// read-only role.
+#[tokio::test]
+async fn list_products_serves_with_no_signing_key_as_the_read_only_role() {
+    let db_url = fresh_database(admin_url()).await;
+    let client = tally_shared::pg::connect(&db_url).await.unwrap();
+    tally_shared::migrate::seed_if_empty(&client).await.unwrap();
+    let port = free_port();
+    let mut child = tokio::process::Command::new(binary("list-products"))
+        .env_clear()
+        .env("DATABASE_URL", crate::helpers::as_readonly(&db_url))
+        .env("PORT", port.to_string())
+        .env("METRICS_PORT", "0")
+        .env("LOG_LEVEL", "warn")
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let app = TestApp::attach(port, &db_url).await;
+    app.wait_until_up().await;
+    let r = app.get("/products").await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json().as_array().map(Vec::len), Some(3), "{:?}", r.json());
+    child.start_kill().unwrap();
+    let _ = child.wait().await;
 }
 
 /// The value of the sample whose line contains every one of `parts`.

@@ -71,7 +71,18 @@ extern "C" fn clean_up_this_run() {
     let Ok(mut run) = RUN.lock() else { return };
     if let Some(server) = run.server.clone() {
         let roles = run_roles();
-        let mut sql: Vec<String> = (run.databases.iter())
+        // Every database this run made, and those made from them (a restore's scratch and
+        // replaced copies keep the name's start): all begin with this run's prefix.
+        let listed = std::process::Command::new("psql")
+            .args([server.as_str(), "-qAtX", "-c"])
+            .arg(format!(
+                "SELECT datname FROM pg_database WHERE starts_with(datname, '{}')",
+                run_db_prefix()
+            ))
+            .output();
+        let names = listed.map(|o| String::from_utf8_lossy(&o.stdout).into_owned());
+        let mut sql: Vec<String> = (names.unwrap_or_default().lines())
+            .chain(run.databases.iter().map(String::as_str))
             .map(|db| format!("DROP DATABASE IF EXISTS \"{db}\" WITH (FORCE);"))
             .collect();
         if run.roles_on.contains(&server) {
@@ -213,13 +224,22 @@ pub async fn fresh_database_at(server_url: &str, version: Option<i32>) -> String
     url
 }
 
+/// The start of every database name this run makes: the process id and a random run id, so
+/// that no other run's names (on this machine or another sharing the server) share it.
+fn run_db_prefix() -> &'static str {
+    static PREFIX: OnceLock<String> = OnceLock::new();
+    PREFIX.get_or_init(|| {
+        format!(
+            "{TEST_DB_PREFIX}{}x{:08x}_",
+            std::process::id(),
+            random_u64() as u32
+        )
+    })
+}
+
 /// A new, empty database of this run's on `server_url`'s server.
 pub async fn empty_database(server_url: &str) -> String {
-    let name = format!(
-        "{TEST_DB_PREFIX}{}_{:016x}",
-        std::process::id(),
-        random_u64()
-    );
+    let name = format!("{}{:012x}", run_db_prefix(), random_u64() >> 16);
     let admin = tally_shared::pg::connect(server_url)
         .await
         .expect("connect");

@@ -310,7 +310,7 @@ async fn the_http_sweep_answers_its_summary() {
     assert_eq!(r.status, 200);
     assert_eq!(
         r.json(),
-        serde_json::json!({"claimed": 1, "confirmed": 1, "failed": 0, "retried": 0, "expired": 0, "keys_deleted": 0, "lapsed": 0, "lost_claims": 0})
+        serde_json::json!({"claimed": 1, "confirmed": 1, "failed": 0, "retried": 0, "expired": 0, "keys_deleted": 0, "lapsed": 0, "lost_claims": 0, "outcome_unknown": 0})
     );
     processor
         .request(Method::GET, "/", &[], "")
@@ -393,9 +393,9 @@ async fn a_lapsed_claim_is_left_to_the_next_processor_and_recorded_once() {
     );
     assert_eq!(a.confirmed + b.confirmed, 3, "each order confirmed once");
     assert_eq!(
-        (a.confirmed, a.retried),
-        (0, 1),
-        "the first step was cut off at the end of its lease, and its claim released"
+        (a.confirmed, a.retried, a.outcome_unknown),
+        (0, 0, 1),
+        "the first step was cut off at the end of its lease, its claim left to run out"
     );
     assert_eq!(
         app.count("SELECT count(*) FROM orders WHERE status = 'CONFIRMED' AND attempts = 2")
@@ -460,19 +460,41 @@ async fn a_panicking_step_spares_its_batch_and_its_order_fails_after_max_attempt
     };
     let config = ProcessorConfig {
         process_max_attempts: 2,
+        claim_lease_secs: 0.3,
         ..ProcessorConfig::default()
     };
     let pool = pool_for(&app, &app.db_url);
     let s = sweep(&pool, &config, &step).await.unwrap();
-    assert_eq!((s.claimed, s.confirmed, s.retried, s.failed), (4, 3, 1, 0));
+    assert_eq!(
+        (s.claimed, s.confirmed, s.outcome_unknown, s.failed),
+        (4, 3, 1, 0)
+    );
     for (found, confirmed) in step.settled.lock().unwrap().drain(..) {
         assert_eq!(
             found, confirmed,
             "each outcome is recorded right after its step"
         );
     }
+    // Its claim is left to run out (the step may have done its work): not claimed at once.
     let s = sweep(&pool, &config, &step).await.unwrap();
-    assert_eq!((s.claimed, s.confirmed, s.retried, s.failed), (1, 0, 0, 1));
+    assert_eq!(s.claimed, 0);
+    // The second claim panics again; the third gives up without running the step.
+    for (claimed, unknown, failed) in [(1, 1, 0), (1, 0, 1)] {
+        tokio::time::sleep(std::time::Duration::from_millis(350)).await;
+        let s = sweep(&pool, &config, &step).await.unwrap();
+        assert_eq!(
+            (s.claimed, s.outcome_unknown, s.failed),
+            (claimed, unknown, failed)
+        );
+    }
+    let runs = step
+        .seen
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|&&id| id == first)
+        .count();
+    assert_eq!(runs, 2, "the step ran on the first two claims only");
     let (status, error): (String, String) = {
         let row = app
             .db
@@ -486,7 +508,7 @@ async fn a_panicking_step_spares_its_batch_and_its_order_fails_after_max_attempt
     };
     assert_eq!(status, "FAILED");
     assert!(
-        error.starts_with("gave up after 2 attempts: the fulfilment step panicked: poison order"),
+        error.starts_with("gave up after 2 claims without an outcome (PROCESS_MAX_ATTEMPTS=2) (before: the fulfilment step panicked: poison order"),
         "{error}"
     );
     assert_eq!(app.inventory(product).await, 97);
@@ -502,7 +524,7 @@ impl FulfilmentStep for Hangs {
 }
 
 #[tokio::test]
-async fn a_step_is_cut_off_at_the_end_of_its_lease_and_retried() {
+async fn a_step_is_cut_off_at_the_end_of_its_lease_and_its_claim_kept() {
     let app = TestApp::spawn().await;
     let product = app.add_product("HANG", 10, 100).await;
     place_pending_orders(&app, product, 1).await;
@@ -514,10 +536,14 @@ async fn a_step_is_cut_off_at_the_end_of_its_lease_and_retried() {
     let started = std::time::Instant::now();
     let s = sweep(&pool, &config, &Hangs).await.unwrap();
     assert!(started.elapsed() < std::time::Duration::from_secs(5));
-    assert_eq!((s.claimed, s.retried, s.confirmed), (1, 1, 0));
+    assert_eq!(
+        (s.claimed, s.outcome_unknown, s.retried, s.confirmed),
+        (1, 1, 0, 0)
+    );
+    // What the step did is unknown: the claim is kept until the lease ends, and it says why.
     assert_eq!(
         app.count(
-            "SELECT count(*) FROM orders WHERE status = 'PENDING' AND claimed_until IS NULL \
+            "SELECT count(*) FROM orders WHERE status = 'PENDING' AND claimed_until IS NOT NULL \
              AND last_error LIKE 'the fulfilment step was cut off%'"
         )
         .await,
@@ -533,6 +559,8 @@ fn processor_settings_out_of_range_are_refused_at_start() {
         serde_json::json!({"claim_lease_secs": -5.0}),
         serde_json::json!({"order_ttl_secs": 0.0}),
         serde_json::json!({"process_max_attempts": 0}),
+        serde_json::json!({"idempotency_retention_secs": 0.0}),
+        serde_json::json!({"claim_lease_secs": 0.001}),
     ] {
         let refused = serde_json::from_value::<ProcessorConfig>(bad.clone());
         assert!(refused.is_err(), "{bad} was accepted");
