@@ -36,57 +36,77 @@ pub fn app() -> App {
     )
 }
 
-/// `tally` runs the API; `tally token --sub ID [--role customer|admin] [--ttl 1h]` mints a
-/// token with the configured key; `tally backup ...` is the backup function's command line.
-pub fn main(mut args: impl Iterator<Item = String>) -> ExitCode {
-    match args.next().as_deref() {
+/// `tally`: with no command, the whole API locally (the README's Quick start).
+#[derive(Debug, clap::Parser)]
+#[command(
+    name = "tally",
+    version,
+    about = "Tally: an order backend that never oversells. With no command, runs the whole API locally."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// Mint a bearer token with the configured key (JWT_HS256_SECRET, or JWT_PRIVATE_KEY_PEM
+    /// with JWT_ALGORITHM).
+    Token {
+        /// The user id the token acts as (a positive integer).
+        #[arg(long, value_parser = parse_sub)]
+        sub: i64,
+        #[arg(long, value_enum, default_value = "customer")]
+        role: RoleArg,
+        /// How long the token is valid (1h, 30m, 7d ...).
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+    },
+    /// The backup function's commands; with none, serves its HTTP function.
+    Backup {
+        #[command(subcommand)]
+        command: Option<backup::BackupCommand>,
+    },
+    /// Apply pending migrations to DATABASE_URL (as the owner), then the grants.
+    Migrate(tally_shared::cli::MigrateArgs),
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum RoleArg {
+    Customer,
+    Admin,
+}
+
+fn parse_sub(value: &str) -> Result<i64, String> {
+    tally_shared::http::parse_id(value).ok_or_else(|| "a positive integer".to_owned())
+}
+
+/// The entry point (`args` without the program's name). `--help` and `--version` print and
+/// exit 0 before anything is read or started; a bad command line exits 2 with a usage line.
+pub fn main(args: impl Iterator<Item = String>) -> ExitCode {
+    let cli =
+        match <Cli as clap::Parser>::try_parse_from(std::iter::once("tally".into()).chain(args)) {
+            Ok(cli) => cli,
+            Err(e) => e.exit(),
+        };
+    match cli.command {
         None => run(),
-        Some("token") => token(args),
-        Some("backup") => backup::main(args),
-        Some(_) => {
-            eprintln!(
-                "usage: tally | tally token --sub ID [--role customer|admin] [--ttl 1h] | tally backup ..."
-            );
-            ExitCode::FAILURE
-        }
+        Some(Command::Token { sub, role, ttl }) => token(sub, role, ttl),
+        Some(Command::Backup { command }) => backup::run(command),
+        Some(Command::Migrate(args)) => tally_shared::cli::migrate_main(&args),
     }
 }
 
-fn token(mut args: impl Iterator<Item = String>) -> ExitCode {
-    let (mut sub, mut role, mut ttl) = (None, Role::Customer, Duration::from_secs(3600));
-    while let Some(flag) = args.next() {
-        let value = args.next().unwrap_or_default();
-        let ok = match flag.as_str() {
-            "--sub" => {
-                sub = tally_shared::http::parse_id(&value);
-                sub.is_some()
-            }
-            "--role" => match value.as_str() {
-                "customer" => true,
-                "admin" => {
-                    role = Role::Admin;
-                    true
-                }
-                _ => false,
-            },
-            "--ttl" => humantime::parse_duration(&value).map(|d| ttl = d).is_ok(),
-            _ => false,
-        };
-        if !ok {
-            eprintln!("tally token: bad {flag} {value:?}");
-            return ExitCode::FAILURE;
-        }
-    }
-    let Some(sub) = sub else {
-        eprintln!("usage: tally token --sub ID [--role customer|admin] [--ttl 1h]");
-        return ExitCode::FAILURE;
+fn token(sub: i64, role: RoleArg, ttl: Duration) -> ExitCode {
+    let role = match role {
+        RoleArg::Customer => Role::Customer,
+        RoleArg::Admin => Role::Admin,
     };
     // app::start has said what was wrong with the settings, if anything.
     let Ok((config, _)) = app::start("tally token", app::Logs::Stderr) else {
         return ExitCode::FAILURE;
     };
-    let minted = tally_dev::token::mint(&config, sub, role, ttl);
-    match minted {
+    match tally_dev::token::mint(&config, sub, role, ttl) {
         Ok(token) => {
             println!("{token}");
             ExitCode::SUCCESS

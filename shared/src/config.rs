@@ -51,6 +51,10 @@ pub struct Config {
     /// answered 408 and its connection closed.
     #[serde(default = "defaults::body_read_timeout_ms")]
     pub body_read_timeout_ms: u64,
+    /// Origins whose pages may call the API from a browser (CORS), comma-separated, exactly as
+    /// the browser sends them (`https://shop.example.com`); `*` allows any. None by default.
+    #[serde(default)]
+    pub cors_allowed_origins: Vec<String>,
     /// Connections served at once; one more is closed at once rather than queued.
     #[serde(default = "defaults::max_connections")]
     pub max_connections: usize,
@@ -127,6 +131,22 @@ mod defaults {
     }
 }
 
+/// `*`, or `http(s)://host[:port]` with nothing after it.
+fn is_origin(value: &str) -> bool {
+    if value == "*" {
+        return true;
+    }
+    let rest = value
+        .strip_prefix("https://")
+        .or_else(|| value.strip_prefix("http://"));
+    rest.is_some_and(|host| {
+        !host.is_empty()
+            && host
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-.:[]".contains(&b))
+    })
+}
+
 /// A configuration problem, worded as the one line an operator needs to fix it.
 #[derive(Debug, thiserror::Error)]
 #[error("configuration error: {0}")]
@@ -171,6 +191,11 @@ impl Config {
                     .into(),
             ));
         }
+        if let Some(bad) = self.cors_allowed_origins.iter().find(|o| !is_origin(o)) {
+            return Err(ConfigError(format!(
+                "CORS_ALLOWED_ORIGINS: {bad:?} is not an origin (scheme://host[:port], no path), nor *"
+            )));
+        }
         if self.metrics_port != 0 && self.metrics_port == self.port {
             return Err(ConfigError(format!(
                 "METRICS_PORT={} is the public PORT: metrics get a port of their own (or 0 for none)",
@@ -189,6 +214,13 @@ impl Config {
                 .map_err(|_| ConfigError("DATABASE_URL is not a valid PostgreSQL URL".into()))?;
         }
         Ok(self)
+    }
+
+    /// Whether a browser's `Origin` may call the API (see `CORS_ALLOWED_ORIGINS`).
+    pub fn allows_origin(&self, origin: &[u8]) -> bool {
+        self.cors_allowed_origins
+            .iter()
+            .any(|o| o == "*" || o.as_bytes() == origin)
     }
 
     /// The database URL, or the error a deployed function reports when it is missing.

@@ -3,6 +3,7 @@
 //! # Layout
 //! Layers, top to bottom; a module uses only modules of the layers below its own
 //! (`tests/layers.rs` checks every edge against its list of layers):
+//! - [`cli`]: command lines more than one binary offers (`migrate`, `tally migrate`).
 //! - [`app`]: assembles a process (settings, telemetry, runtime, pool, [`AppState`]) and runs a
 //!   transport or a worker until SIGTERM. Every function's `main` is one call to it.
 //! - [`runtime`] (hyper: connections, timeouts, the body cap, graceful shutdown, `/metrics` on
@@ -31,6 +32,7 @@
 pub mod app;
 pub mod auth;
 pub mod catalog;
+pub mod cli;
 pub mod config;
 pub mod db;
 pub mod encode;

@@ -165,8 +165,10 @@ impl Router {
             return (result, "/healthz");
         }
         let mut allowed = Vec::new();
+        let mut matched = "unmatched";
         for route in &self.routes {
             if let Some(params) = route.capture(&path) {
+                matched = route.pattern;
                 if route.method == request.method() {
                     if route.access == Access::Authenticated {
                         let principal = match state.verifier.as_ref() {
@@ -186,10 +188,24 @@ impl Router {
         }
         if allowed.is_empty() {
             (Err(ApiError::NotFound), "unmatched")
+        } else if request.method() == Method::OPTIONS {
+            // What the path allows, for anyone: a browser's CORS preflight carries no token.
+            (Ok(options(&allowed)), matched)
         } else {
             (Err(ApiError::MethodNotAllowed(allowed)), "unmatched")
         }
     }
+}
+
+/// `OPTIONS` on a route: 204 with `Allow` (the service adds the CORS headers to it).
+fn options(allowed: &[Method]) -> Response {
+    let mut methods: Vec<&str> = allowed.iter().map(Method::as_str).collect();
+    methods.push("OPTIONS");
+    http::Response::builder()
+        .status(StatusCode::NO_CONTENT)
+        .header(header::ALLOW, methods.join(", "))
+        .body(Bytes::new())
+        .expect("static response is valid")
 }
 
 /// The readiness probe: 200 `ok` when Postgres answers a query, 503 otherwise.

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use bytes::Bytes;
-use http::HeaderValue;
+use http::{HeaderValue, header};
 
 use crate::error::ApiError;
 use crate::meters;
@@ -36,6 +36,12 @@ pub async fn respond(
     let method = parts.method.clone();
     let path = parts.uri.path().to_owned();
     let trace_id = trace_id(&parts.headers).to_owned();
+    let origin = parts.headers.get(header::ORIGIN).cloned();
+    let preflight = method == http::Method::OPTIONS
+        && parts
+            .headers
+            .contains_key(header::ACCESS_CONTROL_REQUEST_METHOD);
+    let config = state.config.clone();
 
     let (result, route) = match body.await {
         Ok(bytes) => {
@@ -57,6 +63,7 @@ pub async fn respond(
         }
         e.into_response()
     });
+    cors(&config, origin.as_ref(), preflight, &mut response);
     response
         .headers_mut()
         .insert(REQUEST_ID, request_id.clone());
@@ -74,6 +81,48 @@ pub async fn respond(
         "request"
     );
     response
+}
+
+/// CORS for the origins in `CORS_ALLOWED_ORIGINS` (none by default). A page on an allowed
+/// origin may read the response and, after a preflight, send the headers a storefront needs;
+/// any other origin gets no CORS headers, so its browser keeps the response from it. Tokens
+/// travel as bearer headers, never cookies: no credentials mode.
+fn cors(
+    config: &crate::Config,
+    origin: Option<&HeaderValue>,
+    preflight: bool,
+    response: &mut crate::Response,
+) {
+    if config.cors_allowed_origins.is_empty() {
+        return;
+    }
+    let headers = response.headers_mut();
+    // Caches must keep one answer per origin.
+    headers.append(header::VARY, HeaderValue::from_static("origin"));
+    let Some(origin) = origin.filter(|o| config.allows_origin(o.as_bytes())) else {
+        return;
+    };
+    headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin.clone());
+    if preflight {
+        if let Some(allow) = headers.get(header::ALLOW).cloned() {
+            headers.insert(header::ACCESS_CONTROL_ALLOW_METHODS, allow);
+        }
+        headers.insert(
+            header::ACCESS_CONTROL_ALLOW_HEADERS,
+            HeaderValue::from_static(
+                "authorization, content-type, idempotency-key, if-match, if-none-match, x-request-id",
+            ),
+        );
+        headers.insert(
+            header::ACCESS_CONTROL_MAX_AGE,
+            HeaderValue::from_static("600"),
+        );
+    } else {
+        headers.insert(
+            header::ACCESS_CONTROL_EXPOSE_HEADERS,
+            HeaderValue::from_static("etag, link, location, retry-after, x-request-id"),
+        );
+    }
 }
 
 /// The trace id of a W3C `traceparent` (`00-<32 hex trace id>-<16 hex span id>-<2 hex flags>`),

@@ -9,6 +9,7 @@ const SRC: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/src");
 
 /// Top to bottom; README's Layout and `lib.rs` describe the same order.
 const LAYERS: &[&[&str]] = &[
+    &["cli"],
     &["app"],
     &["runtime", "lambda"],
     &["service", "sql"],
@@ -169,6 +170,7 @@ fn the_check_reads_groups_nested_groups_re_exports_and_lines() {
     let exports = re_exports("pub use router::{AppState, Request};\npub use config::Config;");
     assert_eq!(exports["AppState"], "router");
     assert_eq!(exports["Config"], "config");
-    assert_eq!(layer_of("app"), Some(0));
+    assert_eq!(layer_of("cli"), Some(0));
+    assert_eq!(layer_of("app"), Some(1));
     assert!(layer_of("router") < layer_of("http"));
 }

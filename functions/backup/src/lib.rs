@@ -97,43 +97,83 @@ async fn backup_now(request: Request, state: AppState) -> HandlerResult {
     json_response(StatusCode::OK, &report)
 }
 
-const USAGE: &str = "usage:
-  backup                                   serve POST / (one backup per request)
-  backup run                               take one backup, apply retention
-  backup restore [--backup KEY|latest] --target-db URL [--database NAME]
-                 [--replace-live] [--from-other-source]
-                                           restore into a scratch database, verify, swap it in
-                                           by rename (the old one is kept). NAME: the backed-up
-                                           database, default the one in DATABASE_URL. Refused
-                                           (exit 3): a target with open sessions without
-                                           --replace-live; a backup of another database than
-                                           the target without --from-other-source
-  backup drill                             backup, restore into a scratch database, verify, drop
-  backup list                              the finished backups, oldest first";
+/// `backup`: with no command, serves POST / (one backup per request); otherwise one command.
+#[derive(Debug, clap::Parser)]
+#[command(
+    name = "backup",
+    version,
+    about = "Backups to S3-compatible storage, and verified restores."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<BackupCommand>,
+}
 
-/// The binary's entry point (also `tally backup ...`).
+/// The backup commands; `tally backup` takes the same.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum BackupCommand {
+    /// Take one backup of DATABASE_URL and apply retention (the daily CronJob).
+    Run,
+    /// Restore into a scratch database, verify it there, and swap it in by rename (the old
+    /// database is kept). Refused, exit 3: a target with open sessions without
+    /// --replace-live; a backup of another database than the target without
+    /// --from-other-source.
+    Restore {
+        /// A dump or manifest key from `backup list`, or `latest`.
+        #[arg(long, default_value = "latest", value_name = "KEY")]
+        backup: String,
+        /// The database to restore into (its URL, as the owner).
+        #[arg(long, value_name = "URL")]
+        target_db: String,
+        /// The backed-up database, whose backups to look at [default: the one in DATABASE_URL].
+        #[arg(long, value_name = "NAME")]
+        database: Option<String>,
+        /// End the sessions on the target at the swap.
+        #[arg(long)]
+        replace_live: bool,
+        /// Restore a backup of another database than the target.
+        #[arg(long)]
+        from_other_source: bool,
+    },
+    /// Back up, restore into a scratch database, verify, drop it (the weekly drill).
+    Drill,
+    /// The finished backups, oldest first.
+    List {
+        /// The backed-up database [default: the one in DATABASE_URL].
+        #[arg(long, value_name = "NAME")]
+        database: Option<String>,
+    },
+}
+
+/// The binary's entry point (`args` without the program's name). `--help` and `--version`
+/// print and exit 0 before anything is read or touched; a bad command line exits 2.
 pub fn main(args: impl Iterator<Item = String>) -> ExitCode {
-    let args: Vec<String> = args.collect();
-    if args.is_empty() {
+    let cli =
+        match <Cli as clap::Parser>::try_parse_from(std::iter::once("backup".into()).chain(args)) {
+            Ok(cli) => cli,
+            Err(e) => e.exit(),
+        };
+    run(cli.command)
+}
+
+/// Serves the HTTP function (no command), or runs one command and prints its report.
+pub fn run(command: Option<BackupCommand>) -> ExitCode {
+    let Some(command) = command else {
         return app::App::new("backup", routes())
             .settings::<StoreConfig>()
             .run();
-    }
+    };
     let (config, runtime) = match app::start("backup", app::Logs::Stderr) {
         Ok(started) => started,
         Err(code) => return code,
     };
-    match runtime.block_on(command(&args, &config)) {
+    match runtime.block_on(execute(&command, &config)) {
         Ok(report) => {
             println!("{report}");
             ExitCode::SUCCESS
         }
-        Err(Usage(message)) => {
-            eprintln!("backup: {message}\n{USAGE}");
-            ExitCode::from(2)
-        }
-        Err(Failed(e)) => {
-            tracing::error!(error = %e, command = args[0].as_str(), "backup command failed");
+        Err(e) => {
+            tracing::error!(error = %e, command = ?command, "backup command failed");
             ExitCode::from(match e {
                 BackupError::InProgress => 75,
                 BackupError::Refused(_) => 3,
@@ -143,37 +183,26 @@ pub fn main(args: impl Iterator<Item = String>) -> ExitCode {
     }
 }
 
-enum CommandError {
-    Usage(String),
-    Failed(BackupError),
-}
-use CommandError::{Failed, Usage};
-
-impl From<BackupError> for CommandError {
-    fn from(e: BackupError) -> Self {
-        Failed(e)
-    }
-}
-
-async fn command(args: &[String], config: &Config) -> Result<String, CommandError> {
-    let store: StoreConfig = app::settings().map_err(BackupError::from)?;
+async fn execute(command: &BackupCommand, config: &Config) -> Result<String, BackupError> {
+    let store: StoreConfig = app::settings()?;
     let source = || {
-        config.database_url.clone().ok_or_else(|| {
-            Failed(BackupError::Config(
-                "missing environment variable DATABASE_URL".into(),
-            ))
-        })
+        config
+            .database_url
+            .clone()
+            .ok_or_else(|| BackupError::Config("missing environment variable DATABASE_URL".into()))
+    };
+    let named = |database: &Option<String>| match database {
+        Some(d) => Ok(d.clone()),
+        None => pg::database_name(&source()?),
     };
     let json = |v: &dyn erased::Json| v.to_json();
-    match args[0].as_str() {
-        "run" => Ok(json(&dump::backup(&source()?, &store).await?)),
-        "drill" => Ok(json(&restore::drill(&source()?, &store).await?)),
-        "list" => {
-            let database = flag(args, "--database")?
-                .map_or_else(|| source().and_then(|u| Ok(pg::database_name(&u)?)), Ok)?;
-            let store_handle = store.open()?;
+    match command {
+        BackupCommand::Run => Ok(json(&dump::backup(&source()?, &store).await?)),
+        BackupCommand::Drill => Ok(json(&restore::drill(&source()?, &store).await?)),
+        BackupCommand::List { database } => {
+            let handle = store.open()?;
             let keys =
-                store::list_manifests(store_handle.as_ref(), &store.backup_prefix, &database)
+                store::list_manifests(handle.as_ref(), &store.backup_prefix, &named(database)?)
                     .await?;
             Ok(keys
                 .iter()
@@ -181,39 +210,25 @@ async fn command(args: &[String], config: &Config) -> Result<String, CommandErro
                 .collect::<Vec<_>>()
                 .join("\n"))
         }
-        "restore" => {
-            let target = flag(args, "--target-db")?
-                .ok_or_else(|| Usage("restore needs --target-db URL".into()))?;
-            let selector = match flag(args, "--backup")? {
-                None => Selector::Latest,
-                Some(k) if k == "latest" => Selector::Latest,
-                Some(k) => Selector::Key(k),
-            };
-            let database = match flag(args, "--database")? {
-                Some(d) => d,
-                None => pg::database_name(&source()?)?,
+        BackupCommand::Restore {
+            backup,
+            target_db,
+            database,
+            replace_live,
+            from_other_source,
+        } => {
+            let selector = match backup.as_str() {
+                "latest" => Selector::Latest,
+                key => Selector::Key(key.to_owned()),
             };
             let options = restore::RestoreOptions {
-                replace_live: args.iter().any(|a| a == "--replace-live"),
-                from_other_source: args.iter().any(|a| a == "--from-other-source"),
+                replace_live: *replace_live,
+                from_other_source: *from_other_source,
             };
-            Ok(json(
-                &restore::restore(&store, &database, &selector, &target, options).await?,
-            ))
+            let report =
+                restore::restore(&store, &named(database)?, &selector, target_db, options).await?;
+            Ok(json(&report))
         }
-        other => Err(Usage(format!("unknown command {other:?}"))),
-    }
-}
-
-/// The value after `name`, if given; a flag without a value is a usage error.
-fn flag(args: &[String], name: &str) -> Result<Option<String>, CommandError> {
-    match args.iter().position(|a| a == name) {
-        None => Ok(None),
-        Some(i) => args
-            .get(i + 1)
-            .cloned()
-            .map(Some)
-            .ok_or_else(|| Usage(format!("{name} needs a value"))),
     }
 }
 

@@ -578,3 +578,62 @@ fn send_to(
         .unwrap_or_default();
     (status, body)
 }
+
+/// `--help` and `--version` print and exit 0 without touching anything (the database named
+/// here answers nowhere); a bad command line exits 2 with a usage line.
+#[test]
+fn command_lines_answer_help_and_version_and_refuse_what_they_do_not_know() {
+    let tally = PathBuf::from(env!("CARGO_BIN_EXE_tally"));
+    let backup = binary("backup");
+    let run = |program: &PathBuf, args: &[&str]| {
+        let out = Command::new(program)
+            .args(args)
+            .env_clear()
+            .env("DATABASE_URL", "postgres://nobody@127.0.0.1:1/none")
+            .output()
+            .unwrap();
+        let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+        (out.status.code(), text(&out.stdout), text(&out.stderr))
+    };
+    for (program, args) in [
+        (&tally, &["--help"][..]),
+        (&tally, &["token", "--help"]),
+        (&tally, &["backup", "--help"]),
+        (&tally, &["backup", "restore", "--help"]),
+        (&tally, &["migrate", "--help"]),
+        (&backup, &["--help"]),
+        (&backup, &["restore", "--help"]),
+    ] {
+        let (code, stdout, stderr) = run(program, args);
+        assert_eq!(code, Some(0), "{args:?}: {stderr}");
+        assert!(stdout.contains("Usage:"), "{args:?}: {stdout}");
+    }
+    let (_, help, _) = run(&tally, &["--help"]);
+    for command in ["token", "backup", "migrate"] {
+        assert!(
+            help.contains(command),
+            "tally --help lists {command}: {help}"
+        );
+    }
+    for program in [&tally, &backup] {
+        let (code, stdout, _) = run(program, &["--version"]);
+        assert_eq!(code, Some(0));
+        assert!(stdout.contains("0.1.0"), "{stdout}");
+    }
+    for (program, args) in [
+        (&tally, &["--bogus"][..]),
+        (&tally, &["token", "--sub", "x"]),
+        (&tally, &["token", "--sub", "1", "--role", "root"]),
+        (&tally, &["migrate", "--bogus"]),
+        (&backup, &["restore"]),
+        (&backup, &["frobnicate"]),
+    ] {
+        let (code, _, stderr) = run(program, args);
+        assert_eq!(code, Some(2), "{args:?}: {stderr}");
+        assert!(
+            stderr.starts_with("error:")
+                && (stderr.contains("Usage:") || stderr.contains("--help")),
+            "{args:?}: {stderr}"
+        );
+    }
+}

@@ -6,6 +6,7 @@ mod admin;
 mod backups;
 mod bad_input;
 mod connections;
+mod cors;
 mod deploy;
 mod faults;
 mod helpers;
