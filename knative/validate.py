@@ -110,6 +110,7 @@ def connection_budget(docs):
 ACCESS = {
     "Service/list-products": ("tally-db-readonly", False),
     "Service/get-order": ("tally-db-readonly", True),
+    "Service/list-orders": ("tally-db-readonly", True),
     "Service/create-order": ("tally-db-app", True),
     "Service/cancel-order": ("tally-db-app", True),
     "Service/admin-products": ("tally-db-app", True),

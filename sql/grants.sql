@@ -15,7 +15,7 @@ BEGIN
     END IF;
     EXECUTE format('GRANT USAGE ON SCHEMA public TO %I, %I', app, ro);
     FOR g IN SELECT * FROM (VALUES
-        -- The read-only role: the catalog and the order documents (list-products, get-order).
+        -- The read-only role: the catalog and the orders (list-products, get-order, list-orders).
         ('products', 'SELECT', ro), ('inventory_shards', 'SELECT', ro), ('catalog', 'SELECT', ro),
         ('orders', 'SELECT', ro), ('order_items', 'SELECT', ro),
         -- The app role: rows only. Products are never deleted (V7's triggers say so as well),

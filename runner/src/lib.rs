@@ -20,6 +20,7 @@ pub fn functions() -> Vec<(&'static str, Vec<Route>)> {
         ("list-products", list_products::routes()),
         ("create-order", create_order::routes()),
         ("get-order", get_order::routes()),
+        ("list-orders", list_orders::routes()),
         ("cancel-order", cancel_order::routes()),
         ("admin-products", admin_products::routes()),
     ]
@@ -373,8 +374,8 @@ async fn prepare_database(
             }
         }
     };
-    // The runner serves every route with the app role; the read-only role is made too, so
-    // the database looks as it does deployed (list-products and get-order connect with it).
+    // The runner serves every route with the app role; the read-only role is made too, so the
+    // database looks as it does deployed (list-products, get-order and list-orders use it).
     let fail = |e: &dyn std::fmt::Display| {
         eprintln!("tally: {e}");
         ExitCode::FAILURE

@@ -133,9 +133,81 @@ pub fn raw_json_response(status: StatusCode, body: impl Into<Bytes>) -> Response
     response
 }
 
+/// A strong ETag for a representation: the first 128 bits of its SHA-256, quoted. Any change
+/// to the bytes (a sale changing the stock included) changes it.
+pub fn etag_of(body: &[u8]) -> HeaderValue {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(body);
+    HeaderValue::from_str(&format!("\"{}\"", crate::encode::hex(&digest[..16])))
+        .expect("hex in quotes is a valid header value")
+}
+
+/// Whether a conditional header (`If-None-Match`, `If-Match`) names `etag`, or is `*`. A weak
+/// tag (`W/"..."`) is compared by its value, as `If-None-Match` does; a header that is not a
+/// list of quoted tags names nothing.
+pub fn etag_listed(request: &Request, name: header::HeaderName, etag: &HeaderValue) -> bool {
+    let wanted = etag.as_bytes();
+    request.headers().get_all(name).iter().any(|value| {
+        value.as_bytes().split(|&b| b == b',').any(|tag| {
+            let tag = tag.trim_ascii();
+            tag == b"*" || tag.strip_prefix(b"W/").unwrap_or(tag) == wanted
+        })
+    })
+}
+
+/// A JSON representation with its `ETag` and `Cache-Control`: `304 Not Modified` (no body)
+/// when the request's `If-None-Match` already names it, else `200` with the body.
+pub fn conditional_json(request: &Request, body: Bytes, cache_control: &'static str) -> Response {
+    let etag = etag_of(&body);
+    let mut response = if etag_listed(request, header::IF_NONE_MATCH, &etag) {
+        let mut response = http::Response::new(Bytes::new());
+        *response.status_mut() = StatusCode::NOT_MODIFIED;
+        response
+    } else {
+        raw_json_response(StatusCode::OK, body)
+    };
+    let headers = response.headers_mut();
+    headers.insert(header::ETAG, etag);
+    headers.insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static(cache_control),
+    );
+    response
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn etags_are_matched_in_lists_weak_or_strong_and_by_star() {
+        let etag = etag_of(b"{}");
+        let with = |value: &str| {
+            http::Request::builder()
+                .header(header::IF_NONE_MATCH, value)
+                .body(Bytes::new())
+                .unwrap()
+        };
+        let tag = etag.to_str().unwrap().to_owned();
+        for yes in [
+            tag.clone(),
+            format!("W/{tag}"),
+            format!("\"x\", {tag}"),
+            "*".into(),
+        ] {
+            assert!(
+                etag_listed(&with(&yes), header::IF_NONE_MATCH, &etag),
+                "{yes}"
+            );
+        }
+        for no in ["\"x\"", "", "garbage", &tag[1..]] {
+            assert!(
+                !etag_listed(&with(no), header::IF_NONE_MATCH, &etag),
+                "{no}"
+            );
+        }
+        assert_ne!(etag_of(b"{\"a\":1}"), etag_of(b"{\"a\":2}"));
+    }
 
     #[test]
     fn ids_are_positive_decimal_i64() {

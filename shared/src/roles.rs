@@ -3,7 +3,7 @@
 //!
 //! - The owner (whoever `DATABASE_URL` names for `migrate` and `backup`) owns the schema.
 //! - The app role reads and writes rows: orders, cancels, restocks, the processor.
-//! - The read-only role reads: list-products, get-order.
+//! - The read-only role reads: list-products, get-order, list-orders.
 //!
 //! `migrate --roles`, the local runner and the test harness call [`ensure`]; a managed
 //! database (CloudNativePG, DigitalOcean) creates the roles itself and only the names are given.

@@ -1,7 +1,8 @@
 //! Routing: `(method, path pattern)` → handler, the one place a request finds its function.
 //!
 //! Every function crate exports `routes()`; a deployed function mounts its own, the local
-//! runner and the tests mount them all. `/healthz` is answered here for every function.
+//! runner and the tests mount them all. `/healthz` and `/openapi.json` are answered here for
+//! every function.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -157,6 +158,10 @@ impl Router {
             Method::GET | Method::HEAD => Ok(()),
             _ => Err(ApiError::MethodNotAllowed(vec![Method::GET, Method::HEAD])),
         };
+        if path == "/openapi.json" {
+            let result = get_only(&request).map(|()| openapi());
+            return (result, "/openapi.json");
+        }
         if path == "/healthz" {
             let result = match get_only(&request) {
                 Ok(()) => health(&state).await,
@@ -205,6 +210,20 @@ fn options(allowed: &[Method]) -> Response {
         .status(StatusCode::NO_CONTENT)
         .header(header::ALLOW, methods.join(", "))
         .body(Bytes::new())
+        .expect("static response is valid")
+}
+
+/// The API's contract (OpenAPI 3.1), written beside the code in `shared/openapi.json`; a test
+/// checks that it and the routes agree.
+pub const OPENAPI: &str = include_str!("../openapi.json");
+
+/// `GET /openapi.json`, public, on every function: the whole API's document.
+fn openapi() -> Response {
+    http::Response::builder()
+        .status(StatusCode::OK)
+        .header(header::CONTENT_TYPE, "application/json")
+        .header(header::CACHE_CONTROL, "public, max-age=300")
+        .body(Bytes::from_static(OPENAPI.as_bytes()))
         .expect("static response is valid")
 }
 

@@ -2,7 +2,8 @@
 //! - `POST /products` creates a product (its starting stock becomes its first ledger row);
 //! - `PATCH /products/{id}` changes name, price (orders keep the price they were placed at) or
 //!   `stock_shards`: how many rows the stock is spread over, so that a flash sale's orders do
-//!   not all queue on one row lock (1 to 64; 1 gathers it back);
+//!   not all queue on one row lock (1 to 64; 1 gathers it back). With `If-Match` it applies
+//!   only to the version the caller read (else 412), so two admins cannot overwrite each other;
 //! - `POST /products/{id}/inventory` adjusts stock by a delta, never below zero, with its
 //!   ledger row in the same transaction.
 
@@ -12,7 +13,9 @@ use serde_json::{Map, Value, json};
 use tally_shared::auth;
 use tally_shared::catalog::{PRODUCT_COLUMNS, Product};
 use tally_shared::error::{Domain, fields};
-use tally_shared::http::{json_body, json_response, path_id};
+use tally_shared::http::{
+    etag_listed, etag_of, json_body, json_response, path_id, raw_json_response,
+};
 use tally_shared::router::HandlerResult;
 use tally_shared::{ApiError, AppState, Request, Route, outcomes, sql};
 use tokio_postgres::types::Type;
@@ -30,6 +33,10 @@ pub fn routes() -> Vec<Route> {
 pub enum ProductError {
     #[error("a product with sku {sku:?} already exists")]
     DuplicateSku { sku: String },
+    #[error(
+        "the product changed since the version named in If-Match (a sale changes it too): read it again, then retry with its new ETag"
+    )]
+    Changed,
     #[error("product {product_id} has {available} in stock, {requested} requested")]
     InsufficientInventory {
         product_id: i64,
@@ -40,11 +47,15 @@ pub enum ProductError {
 
 impl Domain for ProductError {
     fn status(&self) -> StatusCode {
-        StatusCode::CONFLICT
+        match self {
+            Self::Changed => StatusCode::PRECONDITION_FAILED,
+            _ => StatusCode::CONFLICT,
+        }
     }
 
     fn code(&self) -> &'static str {
         match self {
+            Self::Changed => "precondition_failed",
             Self::DuplicateSku { .. } => "duplicate_sku",
             Self::InsufficientInventory { .. } => "insufficient_inventory",
         }
@@ -52,6 +63,7 @@ impl Domain for ProductError {
 
     fn fields(&self) -> Map<String, Value> {
         match self {
+            Self::Changed => Map::new(),
             Self::DuplicateSku { sku } => fields([("sku", json!(sku))]),
             Self::InsufficientInventory {
                 product_id,
@@ -222,9 +234,52 @@ async fn update_product(request: Request, state: AppState) -> HandlerResult {
         (&changes.price_cents, Type::INT8),
         (&shards, Type::INT4),
     ];
-    let rows = sql::query(&state, "update_product", &statement, &params).await?;
+    let rows = if request.headers().contains_key(header::IF_MATCH) {
+        update_if_unchanged(&request, &state, id, (&statement, &params)).await?
+    } else {
+        sql::query(&state, "update_product", &statement, &params).await?
+    };
     let product = rows.first().map(Product::from).ok_or(ApiError::NotFound)?;
-    json_response(StatusCode::OK, &product)
+    let body = serde_json::to_vec(&product)
+        .map_err(|e| ApiError::Internal(format!("serialising a product: {e}")))?;
+    let etag = etag_of(&body);
+    let mut response = raw_json_response(StatusCode::OK, body);
+    response.headers_mut().insert(header::ETAG, etag);
+    Ok(response)
+}
+
+/// With `If-Match`: the product's row is locked, its representation as it is now compared with
+/// the tags the client read, and the change made only if one matches, in one transaction. Of
+/// two admins who read the same version, exactly one wins; the other gets 412 and re-reads.
+async fn update_if_unchanged(
+    request: &Request,
+    state: &AppState,
+    id: i64,
+    (statement, params): (&str, &[(&(dyn tokio_postgres::types::ToSql + Sync), Type)]),
+) -> Result<Vec<tokio_postgres::Row>, ApiError> {
+    let mut conn = state.db().await?;
+    let tx = conn.transaction().await?;
+    tx.execute(
+        "SELECT 1 FROM products WHERE id = $1 FOR NO KEY UPDATE",
+        &[&id],
+    )
+    .await?;
+    let current = tx
+        .query_opt(
+            &format!("SELECT {PRODUCT_COLUMNS} FROM catalog WHERE id = $1"),
+            &[&id],
+        )
+        .await?
+        .ok_or(ApiError::NotFound)?;
+    let body = serde_json::to_vec(&Product::from(&current))
+        .map_err(|e| ApiError::Internal(format!("serialising a product: {e}")))?;
+    if !etag_listed(request, header::IF_MATCH, &etag_of(&body)) {
+        // Dropping the transaction rolls it back.
+        return Err(ProductError::Changed.into());
+    }
+    let rows = tx.query_typed(statement, params).await?;
+    tx.commit().await?;
+    Ok(rows)
 }
 
 async fn adjust_inventory(request: Request, state: AppState) -> HandlerResult {

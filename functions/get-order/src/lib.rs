@@ -1,9 +1,9 @@
 //! `get-order`: `GET /orders/{id}`, an order and its lines as one JSON document, for its owner
-//! or an admin.
+//! or an admin, with an `ETag` (`If-None-Match` gets `304`).
 
-use http::{Method, StatusCode};
+use http::Method;
 use tally_shared::auth;
-use tally_shared::http::{path_id, raw_json_response};
+use tally_shared::http::{conditional_json, path_id};
 use tally_shared::router::HandlerResult;
 use tally_shared::{ApiError, AppState, Request, Route, sql};
 use tokio_postgres::types::Type;
@@ -25,5 +25,6 @@ pub async fn get_order(request: Request, state: AppState) -> HandlerResult {
         return Err(ApiError::NotFound);
     }
     let body: String = row.get(1);
-    Ok(raw_json_response(StatusCode::OK, body))
+    // Private to its owner, and revalidated on every use: an order changes as it is processed.
+    Ok(conditional_json(&request, body.into(), "private, no-cache"))
 }

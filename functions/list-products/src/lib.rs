@@ -3,7 +3,7 @@
 
 use http::{HeaderValue, Method, StatusCode, header};
 use tally_shared::catalog::Product;
-use tally_shared::http::{json_response, path_id, query_pairs};
+use tally_shared::http::{conditional_json, json_response, path_id, query_pairs};
 use tally_shared::{ApiError, AppState, Request, Route, sql};
 use tokio_postgres::types::Type;
 
@@ -86,6 +86,10 @@ pub async fn list_products(
         .map(Product::from)
         .collect();
     let mut response = json_response(StatusCode::OK, &products)?;
+    response.headers_mut().insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static(CATALOG_CACHE),
+    );
     if let (true, Some(last)) = (has_more, products.last()) {
         let link = format!(
             "</products?limit={}&after_id={}>; rel=\"next\"",
@@ -102,8 +106,14 @@ pub async fn get_product(request: Request, state: AppState) -> tally_shared::rou
     let id = path_id(&request, "id")?;
     let rows = sql::query(&state, "get_product", GET_SQL, &[(&id, Type::INT8)]).await?;
     let product = rows.first().map(Product::from).ok_or(ApiError::NotFound)?;
-    json_response(StatusCode::OK, &product)
+    let body = serde_json::to_vec(&product)
+        .map_err(|e| ApiError::Internal(format!("serialising a product: {e}")))?;
+    Ok(conditional_json(&request, body.into(), CATALOG_CACHE))
 }
+
+/// The catalog may be cached briefly, by anyone: stock changes, so not for long. A client
+/// revalidates with `If-None-Match` (`304` when nothing changed).
+const CATALOG_CACHE: &str = "public, max-age=5";
 
 #[cfg(test)]
 mod tests {

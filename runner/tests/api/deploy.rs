@@ -69,7 +69,7 @@ fn the_proxy_routes_every_path_the_runner_serves_to_its_function() {
             checked += 1;
         }
     }
-    assert_eq!(checked, 8, "every route of the five public functions");
+    assert_eq!(checked, 9, "every route of the six public functions");
 }
 
 /// A function binary, spawned as Knative runs it: $PORT, config from the environment, a
@@ -208,10 +208,11 @@ fn binary(name: &str) -> PathBuf {
     tally.with_file_name(format!("fn-{name}"))
 }
 
-const FUNCTIONS: [&str; 7] = [
+const FUNCTIONS: [&str; 8] = [
     "list-products",
     "create-order",
     "get-order",
+    "list-orders",
     "cancel-order",
     "admin-products",
     "process-orders",
