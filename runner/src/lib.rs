@@ -38,7 +38,7 @@ pub fn app() -> App {
 }
 
 /// `tally`: with no command, the whole API locally (the README's Quick start).
-#[derive(Debug, clap::Parser)]
+#[derive(clap::Parser)]
 #[command(
     name = "tally",
     version,
@@ -49,7 +49,7 @@ struct Cli {
     command: Option<Command>,
 }
 
-#[derive(Debug, clap::Subcommand)]
+#[derive(clap::Subcommand)]
 enum Command {
     /// Mint a bearer token with the configured key (JWT_HS256_SECRET, or JWT_PRIVATE_KEY_PEM
     /// with JWT_ALGORITHM).

@@ -53,7 +53,7 @@ pub struct Config {
     pub body_read_timeout_ms: u64,
     /// Origins whose pages may call the API from a browser (CORS), comma-separated, exactly as
     /// the browser sends them (`https://shop.example.com`); `*` allows any. None by default.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "comma_list")]
     pub cors_allowed_origins: Vec<String>,
     /// Connections served at once; one more is closed at once rather than queued.
     #[serde(default = "defaults::max_connections")]
@@ -131,6 +131,17 @@ mod defaults {
     }
 }
 
+/// A comma-separated list; blanks are skipped, so an empty variable is an empty list.
+fn comma_list<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    let text = String::deserialize(d)?;
+    Ok(text
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned)
+        .collect())
+}
+
 /// `*`, or `http(s)://host[:port]` with nothing after it.
 fn is_origin(value: &str) -> bool {
     if value == "*" {
@@ -139,11 +150,12 @@ fn is_origin(value: &str) -> bool {
     let rest = value
         .strip_prefix("https://")
         .or_else(|| value.strip_prefix("http://"));
+    // Lower case only: browsers send the host in lower case, and origins compare bytewise.
     rest.is_some_and(|host| {
         !host.is_empty()
             && host
                 .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"-.:[]".contains(&b))
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-.:[]".contains(&b))
     })
 }
 

@@ -142,15 +142,20 @@ pub fn etag_of(body: &[u8]) -> HeaderValue {
         .expect("hex in quotes is a valid header value")
 }
 
-/// Whether a conditional header (`If-None-Match`, `If-Match`) names `etag`, or is `*`. A weak
-/// tag (`W/"..."`) is compared by its value, as `If-None-Match` does; a header that is not a
-/// list of quoted tags names nothing.
+/// Whether a conditional header names `etag`, or is `*` (RFC 9110, 13.1): `If-None-Match`
+/// compares weakly (`W/"x"` names `"x"`), `If-Match` strongly (a weak tag names nothing). A
+/// header that is not a list of quoted tags names nothing.
 pub fn etag_listed(request: &Request, name: header::HeaderName, etag: &HeaderValue) -> bool {
-    let wanted = etag.as_bytes();
+    let (wanted, weak_ok) = (etag.as_bytes(), name == header::IF_NONE_MATCH);
     request.headers().get_all(name).iter().any(|value| {
         value.as_bytes().split(|&b| b == b',').any(|tag| {
             let tag = tag.trim_ascii();
-            tag == b"*" || tag.strip_prefix(b"W/").unwrap_or(tag) == wanted
+            let tag = match tag.strip_prefix(b"W/") {
+                Some(opaque) if weak_ok => opaque,
+                Some(_) => return false,
+                None => tag,
+            };
+            tag == b"*" || tag == wanted
         })
     })
 }
@@ -207,6 +212,19 @@ mod tests {
             );
         }
         assert_ne!(etag_of(b"{\"a\":1}"), etag_of(b"{\"a\":2}"));
+        // If-Match compares strongly: a weak tag never matches.
+        let if_match = |value: &str| {
+            http::Request::builder()
+                .header(header::IF_MATCH, value)
+                .body(Bytes::new())
+                .unwrap()
+        };
+        assert!(etag_listed(&if_match(&tag), header::IF_MATCH, &etag));
+        assert!(!etag_listed(
+            &if_match(&format!("W/{tag}")),
+            header::IF_MATCH,
+            &etag
+        ));
     }
 
     #[test]

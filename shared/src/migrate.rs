@@ -131,6 +131,9 @@ pub async fn migrate_with(
     }
     // The client goes back to the caller (the seed): without this migration's lock timeout.
     client.batch_execute("RESET lock_timeout").await?;
+    if report.is_ok() && target.is_none() {
+        build_indexes(&client).await?;
+    }
     client
         .execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK])
         .await?;
@@ -143,6 +146,46 @@ pub async fn migrate_with(
         .await?
         .map(|m| m.version());
     Ok((client, version))
+}
+
+/// Indexes built after the migrations with `CREATE INDEX CONCURRENTLY`, which cannot run
+/// inside a migration's transaction: building one never blocks the orders written meanwhile
+/// (a plain `CREATE INDEX` would stop every insert for the whole build). (name, definition)
+const CONCURRENT_INDEXES: &[(&str, &str)] = &[
+    // GET /orders: a user's orders newest first (list-orders).
+    ("orders_user_id_id_idx", "ON orders (user_id, id)"),
+];
+
+/// Builds each missing index; one a failed build left invalid is dropped and built again.
+async fn build_indexes(client: &Client) -> Result<(), tokio_postgres::Error> {
+    for (name, definition) in CONCURRENT_INDEXES {
+        let valid: Option<bool> = client
+            .query_opt(
+                "SELECT i.indisvalid FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid \
+                 WHERE c.relname = $1 AND c.relnamespace = 'public'::regnamespace",
+                &[name],
+            )
+            .await?
+            .map(|row| row.get(0));
+        match valid {
+            Some(true) => continue,
+            Some(false) => {
+                tracing::warn!(
+                    index = name,
+                    "an earlier build left this index invalid: rebuilding"
+                );
+                client
+                    .batch_execute(&format!("DROP INDEX CONCURRENTLY {name}"))
+                    .await?;
+            }
+            None => {}
+        }
+        tracing::info!(index = name, "building index concurrently");
+        client
+            .batch_execute(&format!("CREATE INDEX CONCURRENTLY {name} {definition}"))
+            .await?;
+    }
+    Ok(())
 }
 
 /// Whether a failed run gave up on a lock (`lock_timeout`: SQLSTATE 55P03).

@@ -158,6 +158,11 @@ impl Router {
             Method::GET | Method::HEAD => Ok(()),
             _ => Err(ApiError::MethodNotAllowed(vec![Method::GET, Method::HEAD])),
         };
+        if matches!(path.as_str(), "/openapi.json" | "/healthz")
+            && request.method() == Method::OPTIONS
+        {
+            return (Ok(options(&[Method::GET, Method::HEAD])), "options");
+        }
         if path == "/openapi.json" {
             let result = get_only(&request).map(|()| openapi());
             return (result, "/openapi.json");
@@ -174,7 +179,9 @@ impl Router {
         for route in &self.routes {
             if let Some(params) = route.capture(&path) {
                 matched = route.pattern;
-                if route.method == request.method() {
+                // HEAD is GET without the body (hyper leaves the body out).
+                let head_of_get = request.method() == Method::HEAD && route.method == Method::GET;
+                if route.method == request.method() || head_of_get {
                     if route.access == Access::Authenticated {
                         let principal = match state.verifier.as_ref() {
                             Some(verifier) => verifier.verify(request.headers()),
@@ -204,7 +211,14 @@ impl Router {
 
 /// `OPTIONS` on a route: 204 with `Allow` (the service adds the CORS headers to it).
 fn options(allowed: &[Method]) -> Response {
-    let mut methods: Vec<&str> = allowed.iter().map(Method::as_str).collect();
+    let mut methods: Vec<&str> = Vec::new();
+    for method in allowed {
+        methods.push(method.as_str());
+        // HEAD is answered wherever GET is.
+        if *method == Method::GET && !allowed.contains(&Method::HEAD) {
+            methods.push("HEAD");
+        }
+    }
     methods.push("OPTIONS");
     http::Response::builder()
         .status(StatusCode::NO_CONTENT)

@@ -43,26 +43,26 @@ pub async fn respond(
             .contains_key(header::ACCESS_CONTROL_REQUEST_METHOD);
     let config = state.config.clone();
 
-    let (result, route) = match body.await {
-        Ok(bytes) => {
-            router
-                .dispatch(http::Request::from_parts(parts, bytes), state)
-                .await
+    let (result, route) = if preflight
+        && origin
+            .as_ref()
+            .is_some_and(|o| config.allows_origin(o.as_bytes()))
+    {
+        // A CORS preflight from an allowed origin is answered here, whatever the path: a
+        // deployed function knows only its own routes, and the proxy in front may send any
+        // preflight to any of them. The real request then meets the real routes.
+        (Ok(preflight_response()), "preflight")
+    } else {
+        match body.await {
+            Ok(bytes) => {
+                router
+                    .dispatch(http::Request::from_parts(parts, bytes), state)
+                    .await
+            }
+            Err(e) => (Err(e), "unmatched"),
         }
-        Err(e) => (Err(e), "unmatched"),
     };
-    let mut response = result.unwrap_or_else(|e| {
-        if let Some(cause) = e.internal_cause() {
-            tracing::error!(
-                request_id = request_id.to_str().unwrap_or(""),
-                trace_id,
-                error = e.code(),
-                cause,
-                "request failed"
-            );
-        }
-        e.into_response()
-    });
+    let mut response = result.unwrap_or_else(|e| error_response(e, &request_id, &trace_id));
     cors(&config, origin.as_ref(), preflight, &mut response);
     response
         .headers_mut()
@@ -81,6 +81,21 @@ pub async fn respond(
         "request"
     );
     response
+}
+
+/// The one mapping of an error to its response; a 5xx's hidden cause goes to the log, under
+/// the request's ids.
+fn error_response(e: ApiError, request_id: &HeaderValue, trace_id: &str) -> crate::Response {
+    if let Some(cause) = e.internal_cause() {
+        tracing::error!(
+            request_id = request_id.to_str().unwrap_or(""),
+            trace_id,
+            error = e.code(),
+            cause,
+            "request failed"
+        );
+    }
+    e.into_response()
 }
 
 /// CORS for the origins in `CORS_ALLOWED_ORIGINS` (none by default). A page on an allowed
@@ -102,15 +117,23 @@ fn cors(
     let Some(origin) = origin.filter(|o| config.allows_origin(o.as_bytes())) else {
         return;
     };
-    headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin.clone());
+    // With `*` the answer is `*` itself, never an echo (a `null` origin included).
+    let allowed = if config.cors_allowed_origins.iter().any(|o| o == "*") {
+        HeaderValue::from_static("*")
+    } else {
+        origin.clone()
+    };
+    headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, allowed);
     if preflight {
-        if let Some(allow) = headers.get(header::ALLOW).cloned() {
-            headers.insert(header::ACCESS_CONTROL_ALLOW_METHODS, allow);
-        }
+        headers.insert(
+            header::ACCESS_CONTROL_ALLOW_METHODS,
+            HeaderValue::from_static(API_METHODS),
+        );
         headers.insert(
             header::ACCESS_CONTROL_ALLOW_HEADERS,
             HeaderValue::from_static(
-                "authorization, content-type, idempotency-key, if-match, if-none-match, x-request-id",
+                "authorization, content-type, idempotency-key, if-match, if-none-match, \
+                 traceparent, x-request-id",
             ),
         );
         headers.insert(
@@ -120,9 +143,24 @@ fn cors(
     } else {
         headers.insert(
             header::ACCESS_CONTROL_EXPOSE_HEADERS,
-            HeaderValue::from_static("etag, link, location, retry-after, x-request-id"),
+            HeaderValue::from_static(
+                "etag, link, location, retry-after, x-request-id, idempotent-replayed",
+            ),
         );
     }
+}
+
+/// Every method the API answers, for a preflight.
+const API_METHODS: &str = "GET, HEAD, POST, PATCH, OPTIONS";
+
+/// `204` to a CORS preflight; [`cors`] adds the headers.
+fn preflight_response() -> crate::Response {
+    let mut response = http::Response::new(Bytes::new());
+    *response.status_mut() = http::StatusCode::NO_CONTENT;
+    response
+        .headers_mut()
+        .insert(header::ALLOW, HeaderValue::from_static(API_METHODS));
+    response
 }
 
 /// The trace id of a W3C `traceparent` (`00-<32 hex trace id>-<16 hex span id>-<2 hex flags>`),

@@ -17,7 +17,7 @@ use tally_shared::http::{
     etag_listed, etag_of, json_body, json_response, path_id, raw_json_response,
 };
 use tally_shared::router::HandlerResult;
-use tally_shared::{ApiError, AppState, Request, Route, outcomes, sql};
+use tally_shared::{ApiError, AppState, Request, Route, meters, outcomes, sql};
 use tokio_postgres::types::Type;
 
 pub fn routes() -> Vec<Route> {
@@ -259,17 +259,16 @@ async fn update_if_unchanged(
 ) -> Result<Vec<tokio_postgres::Row>, ApiError> {
     let mut conn = state.db().await?;
     let tx = conn.transaction().await?;
-    tx.execute(
-        "SELECT 1 FROM products WHERE id = $1 FOR NO KEY UPDATE",
-        &[&id],
-    )
-    .await?;
-    let current = tx
-        .query_opt(
-            &format!("SELECT {PRODUCT_COLUMNS} FROM catalog WHERE id = $1"),
-            &[&id],
-        )
+    let this: [(&(dyn tokio_postgres::types::ToSql + Sync), Type); 1] = [(&id, Type::INT8)];
+    // Two statements, not one: the read must see what a concurrent edit it waited for wrote,
+    // and in READ COMMITTED only a statement that starts after the lock is taken does.
+    let lock = "SELECT 1 FROM products WHERE id = $1 FOR NO KEY UPDATE";
+    meters::timed("lock_product", tx.query_typed(lock, &this)).await?;
+    let read = format!("SELECT {PRODUCT_COLUMNS} FROM catalog WHERE id = $1");
+    let current = meters::timed("read_product", tx.query_typed(&read, &this))
         .await?
+        .into_iter()
+        .next()
         .ok_or(ApiError::NotFound)?;
     let body = serde_json::to_vec(&Product::from(&current))
         .map_err(|e| ApiError::Internal(format!("serialising a product: {e}")))?;
@@ -277,7 +276,7 @@ async fn update_if_unchanged(
         // Dropping the transaction rolls it back.
         return Err(ProductError::Changed.into());
     }
-    let rows = tx.query_typed(statement, params).await?;
+    let rows = meters::timed("update_product", tx.query_typed(statement, params)).await?;
     tx.commit().await?;
     Ok(rows)
 }

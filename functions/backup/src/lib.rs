@@ -98,7 +98,7 @@ async fn backup_now(request: Request, state: AppState) -> HandlerResult {
 }
 
 /// `backup`: with no command, serves POST / (one backup per request); otherwise one command.
-#[derive(Debug, clap::Parser)]
+#[derive(clap::Parser)]
 #[command(
     name = "backup",
     version,
@@ -110,7 +110,8 @@ struct Cli {
 }
 
 /// The backup commands; `tally backup` takes the same.
-#[derive(Debug, Clone, clap::Subcommand)]
+// No Debug: a restore's target URL may carry a password.
+#[derive(Clone, clap::Subcommand)]
 pub enum BackupCommand {
     /// Take one backup of DATABASE_URL and apply retention (the daily CronJob).
     Run,
@@ -173,7 +174,14 @@ pub fn run(command: Option<BackupCommand>) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => {
-            tracing::error!(error = %e, command = ?command, "backup command failed");
+            // The command's name only: a restore's target URL may carry a password.
+            let name = match command {
+                BackupCommand::Run => "run",
+                BackupCommand::Restore { .. } => "restore",
+                BackupCommand::Drill => "drill",
+                BackupCommand::List { .. } => "list",
+            };
+            tracing::error!(error = %e, command = name, "backup command failed");
             ExitCode::from(match e {
                 BackupError::InProgress => 75,
                 BackupError::Refused(_) => 3,

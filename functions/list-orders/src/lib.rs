@@ -1,6 +1,7 @@
 //! `list-orders`: `GET /orders`, the caller's orders, newest first, keyset-paginated with a
 //! `Link` header (`before_id`), optionally of one `status`. An admin may pass `user_id`, or
-//! leave it out to see everyone's. One query, served by the `(user_id, id)` index (V9).
+//! leave it out to see everyone's. One query, served by the `(user_id, id)` index (built by
+//! `migrate`, concurrently: see `tally_shared::migrate`).
 
 use http::{HeaderValue, Method, StatusCode, header};
 use serde::Serialize;
@@ -114,7 +115,7 @@ struct OrderSummary {
 
 /// NULL parameters switch their filter off, so one statement (one plan) serves every query:
 /// newest first by id, which the `(user_id, id)` index and the primary key both give in order.
-const LIST_SQL: &str = "SELECT id, user_id, status, total_cents, \
+pub const LIST_SQL: &str = "SELECT id, user_id, status, total_cents, \
          api_time(created_at), api_time(updated_at) \
      FROM orders \
      WHERE ($1::bigint IS NULL OR user_id = $1) \

@@ -88,12 +88,47 @@ async fn a_preflight_with_authorization_is_answered_without_a_token() {
         )
         .await;
     assert_eq!(r.status, 204);
-    assert_eq!(r.header("allow"), "GET, PATCH, OPTIONS");
+    assert_eq!(r.header("allow"), "GET, HEAD, PATCH, OPTIONS");
     app.request(Method::OPTIONS, "/nowhere", &[], "")
         .await
         .assert_problem(404, "not_found");
+    // A deployed function answers any preflight, even for a path it does not serve: the
+    // proxy in front may send it there.
+    let catalog = app
+        .spawn_function(
+            "list-products",
+            list_products::routes(),
+            &[("CORS_ALLOWED_ORIGINS", SHOP)],
+        )
+        .await;
+    let r = catalog
+        .request(Method::OPTIONS, "/orders", &preflight, "")
+        .await;
+    assert_eq!(r.status, 204);
+    assert_eq!(r.header("access-control-allow-origin"), SHOP);
+    assert!(r.header("access-control-allow-methods").contains("POST"));
     // Nothing was sold by any of it.
     app.assert_books_balance().await;
+}
+
+#[tokio::test]
+async fn with_any_origin_allowed_the_answer_is_a_star_not_an_echo() {
+    let app = TestApp::spawn_on(admin_url(), &[("CORS_ALLOWED_ORIGINS", "*")]).await;
+    for origin in [SHOP, "null"] {
+        let r = app
+            .request(Method::GET, "/products", &[("origin", origin)], "")
+            .await;
+        assert_eq!(r.header("access-control-allow-origin"), "*", "{origin}");
+    }
+    // HEAD is GET without the body.
+    let r = app.request(Method::HEAD, "/products/1", &[], "").await;
+    assert_eq!(r.status, 200);
+    assert!(r.body.is_empty());
+    let r = app.request(Method::OPTIONS, "/healthz", &[], "").await;
+    assert_eq!(
+        (r.status.as_u16(), r.header("allow")),
+        (204, "GET, HEAD, OPTIONS")
+    );
 }
 
 #[test]

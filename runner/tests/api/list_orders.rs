@@ -77,13 +77,20 @@ async fn a_customer_reads_every_page_of_thousands_of_orders_exactly_once() {
 
     // One query, served by the (user_id, id) index: no sort, no scan of other users' orders.
     app.db.batch_execute("ANALYZE orders").await.unwrap();
+    // The handler's own statement, with its parameters, sent as the handler sends it.
+    let (user, before, status, limit) = (Some(2i64), Some(1_000_000i64), None::<String>, 101i64);
+    let params: [(
+        &(dyn tokio_postgres::types::ToSql + Sync),
+        tokio_postgres::types::Type,
+    ); 4] = [
+        (&user, tokio_postgres::types::Type::INT8),
+        (&before, tokio_postgres::types::Type::INT8),
+        (&status, tokio_postgres::types::Type::TEXT),
+        (&limit, tokio_postgres::types::Type::INT8),
+    ];
     let plan: Vec<String> = app
         .db
-        .query(
-            "EXPLAIN SELECT id FROM orders WHERE user_id = 2 AND id < 1000000 \
-             ORDER BY id DESC LIMIT 101",
-            &[],
-        )
+        .query_typed(&format!("EXPLAIN {}", list_orders::LIST_SQL), &params)
         .await
         .unwrap()
         .iter()
