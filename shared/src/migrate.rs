@@ -156,7 +156,16 @@ const CONCURRENT_INDEXES: &[(&str, &str)] = &[
     ("orders_user_id_id_idx", "ON orders (user_id, id)"),
 ];
 
-/// Builds each missing index; one a failed build left invalid is dropped and built again.
+/// Indexes dropped (`DROP INDEX CONCURRENTLY`) once every index above is valid, each made
+/// redundant by one of them: an index is never called by name, so an older release runs the
+/// same without it, and every order stops paying for its upkeep.
+const RETIRED_INDEXES: &[&str] = &[
+    // V1's (user_id): orders_user_id_id_idx serves every query it did.
+    "orders_user_id_idx",
+];
+
+/// Builds each missing index (one a failed build left invalid is dropped and built again),
+/// then drops the indexes they make redundant.
 async fn build_indexes(client: &Client) -> Result<(), tokio_postgres::Error> {
     for (name, definition) in CONCURRENT_INDEXES {
         let valid: Option<bool> = client
@@ -183,6 +192,11 @@ async fn build_indexes(client: &Client) -> Result<(), tokio_postgres::Error> {
         tracing::info!(index = name, "building index concurrently");
         client
             .batch_execute(&format!("CREATE INDEX CONCURRENTLY {name} {definition}"))
+            .await?;
+    }
+    for name in RETIRED_INDEXES {
+        client
+            .batch_execute(&format!("DROP INDEX CONCURRENTLY IF EXISTS {name}"))
             .await?;
     }
     Ok(())
