@@ -36,18 +36,21 @@ pub async fn respond(
     let method = parts.method.clone();
     let path = parts.uri.path().to_owned();
     let trace_id = trace_id(&parts.headers).to_owned();
-    let origin = parts.headers.get(header::ORIGIN).cloned();
+    // CORS costs a request nothing unless origins are configured (the hot path's default).
+    let cors_config = (!state.config.cors_allowed_origins.is_empty()).then(|| state.config.clone());
+    let origin = cors_config
+        .as_ref()
+        .and_then(|_| parts.headers.get(header::ORIGIN).cloned());
     let preflight = method == http::Method::OPTIONS
         && parts
             .headers
             .contains_key(header::ACCESS_CONTROL_REQUEST_METHOD);
-    let config = state.config.clone();
+    let allowed = match (&cors_config, &origin) {
+        (Some(config), Some(origin)) => config.allows_origin(origin.as_bytes()),
+        _ => false,
+    };
 
-    let (result, route) = if preflight
-        && origin
-            .as_ref()
-            .is_some_and(|o| config.allows_origin(o.as_bytes()))
-    {
+    let (result, route) = if preflight && allowed {
         // A CORS preflight from an allowed origin is answered here, whatever the path: a
         // deployed function knows only its own routes, and the proxy in front may send any
         // preflight to any of them. The real request then meets the real routes.
@@ -63,7 +66,9 @@ pub async fn respond(
         }
     };
     let mut response = result.unwrap_or_else(|e| error_response(e, &request_id, &trace_id));
-    cors(&config, origin.as_ref(), preflight, &mut response);
+    if let Some(config) = &cors_config {
+        cors(config, origin.as_ref(), preflight, &mut response);
+    }
     response
         .headers_mut()
         .insert(REQUEST_ID, request_id.clone());
@@ -98,7 +103,7 @@ fn error_response(e: ApiError, request_id: &HeaderValue, trace_id: &str) -> crat
     e.into_response()
 }
 
-/// CORS for the origins in `CORS_ALLOWED_ORIGINS` (none by default). A page on an allowed
+/// CORS for the origins in `CORS_ALLOWED_ORIGINS` (called only when some are configured). A page on an allowed
 /// origin may read the response and, after a preflight, send the headers a storefront needs;
 /// any other origin gets no CORS headers, so its browser keeps the response from it. Tokens
 /// travel as bearer headers, never cookies: no credentials mode.
@@ -108,9 +113,6 @@ fn cors(
     preflight: bool,
     response: &mut crate::Response,
 ) {
-    if config.cors_allowed_origins.is_empty() {
-        return;
-    }
     let headers = response.headers_mut();
     // Caches must keep one answer per origin.
     headers.append(header::VARY, HeaderValue::from_static("origin"));
