@@ -12,7 +12,8 @@
 //! - [`service`]: one request end to end: request id, dispatch, the one error mapping, metrics
 //!   and the access log. A request enters here from either transport.
 //! - [`sql`]: where a handler's SQL runs (checkout, timing, first row or error) and how the
-//!   outcomes SQL answers become the caller's enum.
+//!   outcomes SQL answers become the caller's enum. Beside it, [`idempotency`]: `Idempotency-Key`
+//!   for the writes a retry could double (one transaction: the key, the write, its answer).
 //! - [`router`]: `(method, path pattern)` → handler, with 404/405, `/healthz`, and
 //!   the [`AppState`] handlers get (the pool checkout, where SQL starts).
 //! - [`auth`]: bearer JWT verification and the [`auth::Principal`] a request acts as.
@@ -38,6 +39,7 @@ pub mod db;
 pub mod encode;
 pub mod error;
 pub mod http;
+pub mod idempotency;
 pub mod lambda;
 pub mod meters;
 pub mod migrate;

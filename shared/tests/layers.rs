@@ -12,7 +12,7 @@ const LAYERS: &[&[&str]] = &[
     &["cli"],
     &["app"],
     &["runtime", "lambda"],
-    &["service", "sql"],
+    &["service", "sql", "idempotency"],
     &["router"],
     &["auth", "meters"],
     &["http", "db"],

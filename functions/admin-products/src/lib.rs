@@ -8,14 +8,13 @@
 //!   ledger row in the same transaction.
 
 use http::{HeaderValue, Method, StatusCode, header};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 use tally_shared::auth;
 use tally_shared::catalog::{PRODUCT_COLUMNS, Product};
 use tally_shared::error::{Domain, fields};
-use tally_shared::http::{
-    etag_listed, etag_of, json_body, json_response, path_id, raw_json_response,
-};
+use tally_shared::http::{etag_listed, etag_of, json_body, path_id, raw_json_response};
+use tally_shared::idempotency::{self, Answer, Keyed};
 use tally_shared::router::HandlerResult;
 use tally_shared::{ApiError, AppState, Request, Route, meters, outcomes, sql};
 use tokio_postgres::types::Type;
@@ -92,7 +91,7 @@ const MAX_PRICE_CENTS: i64 = 10_000_000_000;
 const MAX_INVENTORY: i64 = 1_000_000_000_000;
 const MAX_DELTA: i64 = 1_000_000_000;
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 struct NewProduct {
     sku: String,
@@ -112,7 +111,7 @@ struct ProductChanges {
 
 pub const MAX_STOCK_SHARDS: i64 = 64;
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 struct Adjustment {
     delta: i64,
@@ -120,7 +119,7 @@ struct Adjustment {
     note: Option<String>,
 }
 
-#[derive(Debug, Deserialize, Clone, Copy)]
+#[derive(Debug, Deserialize, Serialize, Clone, Copy)]
 #[serde(rename_all = "lowercase")]
 enum AdjustmentReason {
     Restock,
@@ -166,8 +165,9 @@ fn check_price(price: i64) -> Result<(), ApiError> {
 }
 
 async fn create_product(request: Request, state: AppState) -> HandlerResult {
-    auth::principal(&request)?.require_admin()?;
-    let new: NewProduct = json_body(&request)?;
+    let caller = auth::principal(&request)?;
+    caller.require_admin()?;
+    let mut new: NewProduct = json_body(&request)?;
     check_sku(&new.sku)?;
     check_name(&new.name)?;
     check_price(new.price_cents)?;
@@ -176,6 +176,8 @@ async fn create_product(request: Request, state: AppState) -> HandlerResult {
             "inventory must be from 0 to {MAX_INVENTORY}"
         )));
     }
+    new.name = new.name.trim().to_owned();
+    let keyed = Keyed::from_request(&request, caller.user_id, &new)?;
     // ON CONFLICT rather than catching the unique violation: a duplicate is an answer, not an
     // error, and leaves nothing in the server log.
     let statement = format!(
@@ -184,22 +186,47 @@ async fn create_product(request: Request, state: AppState) -> HandlerResult {
     );
     let params: [(&(dyn tokio_postgres::types::ToSql + Sync), Type); 4] = [
         (&new.sku, Type::TEXT),
-        (&new.name.trim(), Type::TEXT),
+        (&new.name, Type::TEXT),
         (&new.price_cents, Type::INT8),
         (&new.inventory, Type::INT8),
     ];
-    let rows = sql::query(&state, "create_product", &statement, &params).await?;
-    let product = rows
-        .first()
-        .map(Product::from)
-        .ok_or(ProductError::DuplicateSku { sku: new.sku })?;
-    let mut response = json_response(StatusCode::CREATED, &product)?;
+    let answer = idempotency::once(
+        &state,
+        keyed.as_ref(),
+        ("create_product", &statement, &params),
+        |rows| {
+            let product =
+                rows.first()
+                    .map(Product::from)
+                    .ok_or_else(|| ProductError::DuplicateSku {
+                        sku: new.sku.clone(),
+                    })?;
+            Ok(Answer::new(StatusCode::CREATED, to_json(&product)?))
+        },
+    )
+    .await?;
+    // The id comes from the answer, so a replay names the product the first call created.
+    let id = serde_json::from_slice::<Created>(&answer.body)
+        .map_err(|e| ApiError::Internal(format!("a created product's id: {e}")))?
+        .id;
+    let mut response = answer.into_response();
     response.headers_mut().insert(
         header::LOCATION,
-        HeaderValue::from_str(&format!("/products/{}", product.id))
+        HeaderValue::from_str(&format!("/products/{id}"))
             .expect("a path of digits is a valid header"),
     );
     Ok(response)
+}
+
+/// The one field of a created product that its `Location` needs.
+#[derive(Deserialize)]
+struct Created {
+    id: i64,
+}
+
+fn to_json(product: &Product) -> Result<Vec<u8>, ApiError> {
+    serde_json::to_vec(product)
+        .map_err(|e| ApiError::Internal(format!("serialising a product: {e}")))
 }
 
 async fn update_product(request: Request, state: AppState) -> HandlerResult {
@@ -240,8 +267,7 @@ async fn update_product(request: Request, state: AppState) -> HandlerResult {
         sql::query(&state, "update_product", &statement, &params).await?
     };
     let product = rows.first().map(Product::from).ok_or(ApiError::NotFound)?;
-    let body = serde_json::to_vec(&product)
-        .map_err(|e| ApiError::Internal(format!("serialising a product: {e}")))?;
+    let body = to_json(&product)?;
     let etag = etag_of(&body);
     let mut response = raw_json_response(StatusCode::OK, body);
     response.headers_mut().insert(header::ETAG, etag);
@@ -270,8 +296,7 @@ async fn update_if_unchanged(
         .into_iter()
         .next()
         .ok_or(ApiError::NotFound)?;
-    let body = serde_json::to_vec(&Product::from(&current))
-        .map_err(|e| ApiError::Internal(format!("serialising a product: {e}")))?;
+    let body = to_json(&Product::from(&current))?;
     if !etag_listed(request, header::IF_MATCH, &etag_of(&body)) {
         // Dropping the transaction rolls it back.
         return Err(ProductError::Changed.into());
@@ -282,7 +307,8 @@ async fn update_if_unchanged(
 }
 
 async fn adjust_inventory(request: Request, state: AppState) -> HandlerResult {
-    auth::principal(&request)?.require_admin()?;
+    let caller = auth::principal(&request)?;
+    caller.require_admin()?;
     let id = path_id(&request, "id")?;
     let adjustment: Adjustment = json_body(&request)?;
     if adjustment.delta == 0 || !(-MAX_DELTA..=MAX_DELTA).contains(&adjustment.delta) {
@@ -305,6 +331,7 @@ async fn adjust_inventory(request: Request, state: AppState) -> HandlerResult {
          FROM adjust_inventory($1, $2, $3, $4) a \
          LEFT JOIN LATERAL (SELECT {PRODUCT_COLUMNS} FROM products WHERE id = $1) p ON true"
     );
+    let keyed = Keyed::from_request(&request, caller.user_id, &adjustment)?;
     let reason = adjustment.reason.as_str();
     let params: [(&(dyn tokio_postgres::types::ToSql + Sync), Type); 4] = [
         (&id, Type::INT8),
@@ -312,8 +339,22 @@ async fn adjust_inventory(request: Request, state: AppState) -> HandlerResult {
         (&reason, Type::TEXT),
         (&adjustment.note, Type::TEXT),
     ];
-    let row = sql::query_one(&state, "adjust_inventory", &statement, &params).await?;
-    match sql::outcome(&row, 0, "adjust_inventory")? {
+    let answer = idempotency::once(
+        &state,
+        keyed.as_ref(),
+        ("adjust_inventory", &statement, &params),
+        |rows| adjusted(id, adjustment.delta, &rows),
+    )
+    .await?;
+    Ok(answer.into_response())
+}
+
+/// `adjust_inventory`'s row as the answer: the product with its new stock, or the refusal.
+fn adjusted(id: i64, delta: i64, rows: &[tokio_postgres::Row]) -> Result<Answer, ApiError> {
+    let row = rows
+        .first()
+        .ok_or_else(|| ApiError::Internal("adjust_inventory returned no row".into()))?;
+    match sql::outcome(row, 0, "adjust_inventory")? {
         Adjusted::Done => {
             // The new stock comes from the function: the joined row was read under the
             // statement's snapshot, before the update.
@@ -325,12 +366,12 @@ async fn adjust_inventory(request: Request, state: AppState) -> HandlerResult {
                 inventory: row.get(1),
                 stock_shards: row.get(5),
             };
-            json_response(StatusCode::OK, &product)
+            Ok(Answer::new(StatusCode::OK, to_json(&product)?))
         }
         Adjusted::NotFound => Err(ApiError::NotFound),
         Adjusted::InsufficientInventory => Err(ProductError::InsufficientInventory {
             product_id: id,
-            requested: -adjustment.delta,
+            requested: -delta,
             available: row.get(1),
         }
         .into()),

@@ -3,14 +3,16 @@
 //! admin may cancel it. A CONFIRMED order has been fulfilled: only an admin may cancel it, as a
 //! return, and the body must say whether the goods came back (`{"restock": true|false}`).
 //! Cancelling again answers 409 `invalid_transition`: the caller learns the order was already
-//! cancelled (or failed) and that nothing was restocked by this call.
+//! cancelled (or failed) and that nothing was restocked by this call. With an `Idempotency-Key`
+//! a retried cancel replays its 200 instead.
 
 use http::{Method, StatusCode};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 use tally_shared::auth;
 use tally_shared::error::{Domain, fields};
-use tally_shared::http::{json_body, path_id, raw_json_response};
+use tally_shared::http::{json_body, path_id};
+use tally_shared::idempotency::{self, Answer, Keyed};
 use tally_shared::router::HandlerResult;
 use tally_shared::{ApiError, AppState, Request, Route, outcomes, sql};
 use tokio_postgres::types::Type;
@@ -60,7 +62,7 @@ impl Domain for InvalidTransition {
 }
 
 /// The optional body. Unknown fields are refused so that a typo cannot silently restock.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 struct CancelBody {
     restock: Option<bool>,
@@ -71,19 +73,34 @@ pub async fn cancel_order(request: Request, state: AppState) -> HandlerResult {
     let id = path_id(&request, "id")?;
     // The owner, or (None) an admin; someone else's order is answered as a missing one.
     let actor = (!caller.is_admin()).then_some(caller.user_id);
-    let restock = if request.body().is_empty() {
-        None
+    let body = if request.body().is_empty() {
+        CancelBody::default()
     } else {
-        json_body::<CancelBody>(&request)?.restock
+        json_body::<CancelBody>(&request)?
     };
+    let keyed = Keyed::from_request(&request, caller.user_id, &body)?;
     let params: [(&(dyn tokio_postgres::types::ToSql + Sync), Type); 3] = [
         (&id, Type::INT8),
         (&actor, Type::INT8),
-        (&restock, Type::BOOL),
+        (&body.restock, Type::BOOL),
     ];
-    let row = sql::query_one(&state, "cancel_order", CANCEL_SQL, &params).await?;
-    match sql::outcome(&row, 0, "cancel_order")? {
-        Outcome::Released => Ok(raw_json_response(StatusCode::OK, row.get::<_, String>(3))),
+    let answer = idempotency::once(
+        &state,
+        keyed.as_ref(),
+        ("cancel_order", CANCEL_SQL, &params),
+        |rows| cancelled(id, &rows),
+    )
+    .await?;
+    Ok(answer.into_response())
+}
+
+/// `cancel_order_as`'s row as the answer: the cancelled order, or the refusal.
+fn cancelled(id: i64, rows: &[tokio_postgres::Row]) -> Result<Answer, ApiError> {
+    let row = rows
+        .first()
+        .ok_or_else(|| ApiError::Internal("cancel_order returned no row".into()))?;
+    match sql::outcome(row, 0, "cancel_order")? {
+        Outcome::Released => Ok(Answer::new(StatusCode::OK, row.get::<_, String>(3))),
         Outcome::NotFound => Err(ApiError::NotFound),
         Outcome::InvalidTransition => Err(InvalidTransition {
             order_id: id,

@@ -5,6 +5,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value, json};
 use tally_shared::ApiError;
 use tally_shared::error::{Domain, fields};
+use tally_shared::idempotency::KeyError;
 
 use crate::Outcome;
 
@@ -20,19 +21,13 @@ pub enum OrderError {
     UnknownUser { user_id: i64 },
     #[error("product {product_id} does not exist")]
     UnknownProduct { product_id: i64 },
-    #[error("this Idempotency-Key was used for a different request")]
-    IdempotencyKeyReused,
-    #[error("a request with this idempotency key is still being processed")]
-    IdempotencyKeyInFlight,
 }
 
 impl Domain for OrderError {
     fn status(&self) -> StatusCode {
         match self {
-            Self::InsufficientInventory { .. } | Self::IdempotencyKeyInFlight => {
-                StatusCode::CONFLICT
-            }
-            Self::UnknownUser { .. } | Self::UnknownProduct { .. } | Self::IdempotencyKeyReused => {
+            Self::InsufficientInventory { .. } => StatusCode::CONFLICT,
+            Self::UnknownUser { .. } | Self::UnknownProduct { .. } => {
                 StatusCode::UNPROCESSABLE_ENTITY
             }
         }
@@ -43,8 +38,6 @@ impl Domain for OrderError {
             Self::InsufficientInventory { .. } => "insufficient_inventory",
             Self::UnknownUser { .. } => "unknown_user",
             Self::UnknownProduct { .. } => "unknown_product",
-            Self::IdempotencyKeyReused => "idempotency_key_reused",
-            Self::IdempotencyKeyInFlight => "idempotency_key_in_flight",
         }
     }
 
@@ -61,7 +54,6 @@ impl Domain for OrderError {
             ]),
             Self::UnknownUser { user_id } => fields([("user_id", json!(user_id))]),
             Self::UnknownProduct { product_id } => fields([("product_id", json!(product_id))]),
-            Self::IdempotencyKeyReused | Self::IdempotencyKeyInFlight => Map::new(),
         }
     }
 }
@@ -94,8 +86,8 @@ impl OrderError {
             Outcome::UnknownProduct => Self::UnknownProduct {
                 product_id: d.product_id,
             },
-            Outcome::IdempotencyKeyReused => Self::IdempotencyKeyReused,
-            Outcome::IdempotencyKeyInFlight => Self::IdempotencyKeyInFlight,
+            Outcome::IdempotencyKeyReused => return KeyError::Reused.into(),
+            Outcome::IdempotencyKeyInFlight => return KeyError::InFlight.into(),
             Outcome::Created | Outcome::Replayed => {
                 return ApiError::Internal(format!("place_order: {outcome:?} is not a refusal"));
             }

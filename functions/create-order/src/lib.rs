@@ -10,14 +10,16 @@
 
 use std::collections::BTreeMap;
 
-use http::{HeaderName, HeaderValue, Method, StatusCode, header};
+use http::{HeaderValue, Method, StatusCode, header};
 use metrics::counter;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tally_shared::auth::{self, Principal};
 use tally_shared::http::{json_body, raw_json_response};
 use tally_shared::router::HandlerResult;
-use tally_shared::{ApiError, AppState, Request, Response, Route, meters, outcomes, sql};
+use tally_shared::{
+    ApiError, AppState, Request, Response, Route, idempotency, meters, outcomes, sql,
+};
 use tokio_postgres::types::Type;
 
 mod error;
@@ -129,22 +131,7 @@ impl OrderRequest {
     }
 }
 
-pub const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
-pub const IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
-
-/// The `Idempotency-Key` header, if sent: 1 to 255 printable ASCII characters.
-fn idempotency_key(request: &Request) -> Result<Option<String>, ApiError> {
-    let Some(value) = request.headers().get(&IDEMPOTENCY_KEY) else {
-        return Ok(None);
-    };
-    let bytes = value.as_bytes();
-    if bytes.is_empty() || bytes.len() > 255 || !bytes.iter().all(|b| (0x20..=0x7e).contains(b)) {
-        return Err(ApiError::InvalidRequest(
-            "Idempotency-Key must be 1 to 255 printable ASCII characters".into(),
-        ));
-    }
-    Ok(Some(String::from_utf8_lossy(bytes).into_owned()))
-}
+pub use tally_shared::idempotency::{IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED};
 
 /// What an unkeyed one-line order sends first (the bench's own-SQL ceiling sends the same text).
 pub const PLACE_ONE_SQL: &str = "SELECT order_id, created_at, total_cents, unit_price_cents, \
@@ -176,7 +163,7 @@ outcomes! {
 pub async fn create_order(request: Request, state: AppState) -> HandlerResult {
     let caller = auth::principal(&request)?;
     let order = OrderRequest::new(json_body::<OrderBody>(&request)?, caller)?;
-    match idempotency_key(&request)? {
+    match idempotency::key(&request)? {
         // Keys belong to the caller, who may be an admin ordering for someone else.
         Some(key) => place_keyed(&state, &order, caller.user_id, &key).await,
         None => {
