@@ -34,4 +34,8 @@ BEGIN
         END IF;
     END LOOP;
     EXECUTE format('GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO %I', app);
+    -- V9's SECURITY DEFINER function: both roles resolve (and provision) token subjects.
+    IF to_regprocedure('user_for_subject(text, boolean)') IS NOT NULL THEN
+        EXECUTE format('GRANT EXECUTE ON FUNCTION user_for_subject(text, boolean) TO %I, %I', app, ro);
+    END IF;
 END $$;

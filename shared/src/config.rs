@@ -74,6 +74,34 @@ pub struct Config {
     /// Clock skew allowed on `exp` and `nbf`.
     #[serde(default = "defaults::jwt_leeway_secs")]
     pub jwt_leeway_secs: u64,
+    /// An identity provider's JWKS (`https://`, or `http://` on loopback): tokens with a `kid`
+    /// are verified with its key of that id. Beside a fixed key or instead of one.
+    pub jwt_jwks_url: Option<String>,
+    /// The algorithms a JWKS-verified token may use (never HMAC).
+    #[serde(
+        default = "defaults::jwt_jwks_algorithms",
+        deserialize_with = "comma_list"
+    )]
+    pub jwt_jwks_algorithms: Vec<String>,
+    /// Keys older than this are fetched again on the next token that needs them.
+    #[serde(default = "defaults::jwt_jwks_max_age_secs")]
+    pub jwt_jwks_max_age_secs: u64,
+    /// At most one fetch per this many seconds, however many unknown `kid`s arrive.
+    #[serde(default = "defaults::jwt_jwks_min_refresh_secs")]
+    pub jwt_jwks_min_refresh_secs: u64,
+    /// The claim that holds the role: a name, or a dotted path (`realm_access.roles`).
+    #[serde(default = "defaults::jwt_role_claim")]
+    pub jwt_role_claim: String,
+    /// The value of that claim (a string, or one of an array's) that means an admin.
+    #[serde(default = "defaults::jwt_admin_role")]
+    pub jwt_admin_role: String,
+    /// Whether a subject seen for the first time gets a user row.
+    #[serde(default = "defaults::yes")]
+    pub jwt_provision_users: bool,
+    /// Whether every `sub` is an external subject, numeric ones too (else a positive integer
+    /// `sub` is a users.id, as `tally token` mints).
+    #[serde(default)]
+    pub jwt_external_subjects_only: bool,
 }
 
 /// A value that must never reach a log: its `Debug` prints nothing of it.
@@ -128,6 +156,24 @@ mod defaults {
     }
     pub fn jwt_leeway_secs() -> u64 {
         5
+    }
+    pub fn jwt_jwks_algorithms() -> Vec<String> {
+        vec!["RS256".into(), "ES256".into()]
+    }
+    pub fn jwt_jwks_max_age_secs() -> u64 {
+        300
+    }
+    pub fn jwt_jwks_min_refresh_secs() -> u64 {
+        10
+    }
+    pub fn jwt_role_claim() -> String {
+        "role".into()
+    }
+    pub fn jwt_admin_role() -> String {
+        "admin".into()
+    }
+    pub fn yes() -> bool {
+        true
     }
 }
 
@@ -221,11 +267,44 @@ impl Config {
             )));
         }
         KeyConfig::from_config(&self)?;
+        self.check_jwks()?;
         if let Some(url) = &self.database_url {
             url.parse::<tokio_postgres::Config>()
                 .map_err(|_| ConfigError("DATABASE_URL is not a valid PostgreSQL URL".into()))?;
         }
         Ok(self)
+    }
+
+    /// The JWKS settings: a URL that is `https://` (or `http://` on loopback, for tests and
+    /// sidecars), asymmetric algorithms only, a refresh floor of at least a second, and a
+    /// role claim and admin value that are not blank.
+    fn check_jwks(&self) -> Result<(), ConfigError> {
+        if let Some(url) = &self.jwt_jwks_url {
+            jwks_url(url)?;
+        }
+        if let Some(bad) = self
+            .jwt_jwks_algorithms
+            .iter()
+            .find(|a| jwks_algorithm(a).is_none())
+        {
+            return Err(ConfigError(format!(
+                "JWT_JWKS_ALGORITHMS: {bad:?} is not one of RS256, RS384, RS512, PS256, PS384, PS512, ES256, ES384, EdDSA"
+            )));
+        }
+        if self.jwt_jwks_algorithms.is_empty() {
+            return Err(ConfigError("JWT_JWKS_ALGORITHMS is empty".into()));
+        }
+        if self.jwt_jwks_min_refresh_secs == 0 || self.jwt_jwks_max_age_secs == 0 {
+            return Err(ConfigError(
+                "JWT_JWKS_MIN_REFRESH_SECS and JWT_JWKS_MAX_AGE_SECS must be at least 1".into(),
+            ));
+        }
+        if self.jwt_role_claim.trim().is_empty() || self.jwt_admin_role.trim().is_empty() {
+            return Err(ConfigError(
+                "JWT_ROLE_CLAIM and JWT_ADMIN_ROLE must not be blank".into(),
+            ));
+        }
+        Ok(())
     }
 
     /// Whether a browser's `Origin` may call the API (see `CORS_ALLOWED_ORIGINS`).
@@ -273,6 +352,38 @@ fn describe(e: envy::Error) -> String {
             }
         }
     }
+}
+
+/// `JWT_JWKS_URL` parsed: `https://`, or `http://` to a loopback address (where nobody can
+/// sit between us and the keys).
+pub fn jwks_url(raw: &str) -> Result<url::Url, ConfigError> {
+    let url =
+        url::Url::parse(raw).map_err(|e| ConfigError(format!("JWT_JWKS_URL is not a URL: {e}")))?;
+    let loopback = match url.host() {
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        Some(url::Host::Domain(name)) => name.eq_ignore_ascii_case("localhost"),
+        None => false,
+    };
+    match url.scheme() {
+        "https" => Ok(url),
+        "http" if loopback => Ok(url),
+        _ => Err(ConfigError(
+            "JWT_JWKS_URL must be https:// (http:// only to a loopback address)".into(),
+        )),
+    }
+}
+
+/// An algorithm a JWKS key may verify: asymmetric only, so a key set can never turn a
+/// public value into an HMAC secret.
+pub fn jwks_algorithm(name: &str) -> Option<Algorithm> {
+    use Algorithm::*;
+    let algorithm: Algorithm = name.trim().parse().ok()?;
+    matches!(
+        algorithm,
+        RS256 | RS384 | RS512 | PS256 | PS384 | PS512 | ES256 | ES384 | EdDSA
+    )
+    .then_some(algorithm)
 }
 
 /// The verification key material, as configured.
@@ -377,6 +488,39 @@ mod tests {
         assert_eq!(
             e.to_string(),
             "configuration error: missing environment variable DATABASE_URL"
+        );
+    }
+
+    #[test]
+    fn jwks_settings_are_checked_at_start() {
+        let with = |pairs: &[(&str, &str)]| Config::from_vars(vars(pairs));
+        for url in [
+            "https://id.example.com/.well-known/jwks.json",
+            "http://127.0.0.1:9/jwks",
+            "http://[::1]:9/jwks",
+            "http://localhost/jwks",
+        ] {
+            assert!(with(&[("JWT_JWKS_URL", url)]).is_ok(), "{url}");
+        }
+        for (name, value, says) in [
+            ("JWT_JWKS_URL", "http://id.example.com/jwks", "https://"),
+            ("JWT_JWKS_URL", "file:///etc/keys", "https://"),
+            ("JWT_JWKS_URL", "not a url", "not a URL"),
+            ("JWT_JWKS_ALGORITHMS", "RS256,HS256", "HS256"),
+            ("JWT_JWKS_ALGORITHMS", "none", "none"),
+            ("JWT_JWKS_ALGORITHMS", ",", "empty"),
+            ("JWT_JWKS_MIN_REFRESH_SECS", "0", "at least 1"),
+            ("JWT_ROLE_CLAIM", " ", "blank"),
+        ] {
+            let e = with(&[(name, value)]).unwrap_err().to_string();
+            assert!(e.contains(says), "{name}={value}: {e}");
+        }
+        let c = with(&[]).unwrap();
+        assert_eq!(c.jwt_jwks_algorithms, ["RS256", "ES256"]);
+        assert!(c.jwt_provision_users && !c.jwt_external_subjects_only);
+        assert_eq!(
+            (c.jwt_role_claim.as_str(), c.jwt_admin_role.as_str()),
+            ("role", "admin")
         );
     }
 

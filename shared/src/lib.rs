@@ -9,17 +9,20 @@
 //! - [`runtime`] (hyper: connections, timeouts, the body cap, graceful shutdown, `/metrics` on
 //!   its own port) and [`lambda`]
 //!   (the same requests under AWS Lambda): the two transports, side by side.
+//! - [`idempotency`]: `Idempotency-Key` for the writes a retry could double (one transaction:
+//!   the key, the write, its answer), over [`sql`].
 //! - [`service`]: one request end to end: request id, dispatch, the one error mapping, metrics
 //!   and the access log. A request enters here from either transport.
 //! - [`sql`]: where a handler's SQL runs (checkout, timing, first row or error) and how the
-//!   outcomes SQL answers become the caller's enum. Beside it, [`idempotency`]: `Idempotency-Key`
-//!   for the writes a retry could double (one transaction: the key, the write, its answer).
+//!   outcomes SQL answers become the caller's enum.
 //! - [`router`]: `(method, path pattern)` → handler, with 404/405, `/healthz`, and
 //!   the [`AppState`] handlers get (the pool checkout, where SQL starts).
-//! - [`auth`]: bearer JWT verification and the [`auth::Principal`] a request acts as.
+//! - [`auth`]: bearer JWT verification, the user a token's subject names (provisioned on
+//!   first sight), and the [`auth::Principal`] a request acts as.
 //!   [`meters`]: Prometheus metrics.
 //! - [`http`]: the request and response types, and where a request is parsed (JSON bodies,
 //!   path ids, query strings) into 4xx on bad input. [`db`]: the lazily connected pool.
+//!   [`jwks`]: an identity provider's keys, fetched by `kid`, cached, refreshed at a bounded rate.
 //! - [`config`]: settings from the environment (`envy`) and the key material, failing at start
 //!   with one clear line. [`error`]: [`ApiError`] and its one mapping to `problem+json`.
 //!   Beside them: [`catalog`] (the product as the API shows it), [`telemetry`] (JSON log
@@ -40,6 +43,7 @@ pub mod encode;
 pub mod error;
 pub mod http;
 pub mod idempotency;
+pub mod jwks;
 pub mod lambda;
 pub mod meters;
 pub mod migrate;

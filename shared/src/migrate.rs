@@ -150,10 +150,16 @@ pub async fn migrate_with(
 
 /// Indexes built after the migrations with `CREATE INDEX CONCURRENTLY`, which cannot run
 /// inside a migration's transaction: building one never blocks the orders written meanwhile
-/// (a plain `CREATE INDEX` would stop every insert for the whole build). (name, definition)
-const CONCURRENT_INDEXES: &[(&str, &str)] = &[
+/// (a plain `CREATE INDEX` would stop every insert for the whole build). (name, kind, definition)
+const CONCURRENT_INDEXES: &[(&str, &str, &str)] = &[
     // GET /orders: a user's orders newest first (list-orders).
-    ("orders_user_id_id_idx", "ON orders (user_id, id)"),
+    ("orders_user_id_id_idx", "INDEX", "ON orders (user_id, id)"),
+    // V9: one user per external subject, and the lookup user_for_subject makes.
+    (
+        "users_external_id_key",
+        "UNIQUE INDEX",
+        "ON users (external_id)",
+    ),
 ];
 
 /// Indexes dropped (`DROP INDEX CONCURRENTLY`) once every index above is valid, each made
@@ -167,7 +173,7 @@ const RETIRED_INDEXES: &[&str] = &[
 /// Builds each missing index (one a failed build left invalid is dropped and built again),
 /// then drops the indexes they make redundant.
 async fn build_indexes(client: &Client) -> Result<(), tokio_postgres::Error> {
-    for (name, definition) in CONCURRENT_INDEXES {
+    for (name, kind, definition) in CONCURRENT_INDEXES {
         let valid: Option<bool> = client
             .query_opt(
                 "SELECT i.indisvalid FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid \
@@ -191,7 +197,7 @@ async fn build_indexes(client: &Client) -> Result<(), tokio_postgres::Error> {
         }
         tracing::info!(index = name, "building index concurrently");
         client
-            .batch_execute(&format!("CREATE INDEX CONCURRENTLY {name} {definition}"))
+            .batch_execute(&format!("CREATE {kind} CONCURRENTLY {name} {definition}"))
             .await?;
     }
     for name in RETIRED_INDEXES {

@@ -184,7 +184,9 @@ impl Router {
                 if route.method == request.method() || head_of_get {
                     if route.access == Access::Authenticated {
                         let principal = match state.verifier.as_ref() {
-                            Some(verifier) => verifier.verify(request.headers()),
+                            Some(verifier) => {
+                                verifier.authenticate(request.headers(), &state.pool).await
+                            }
                             None => Err(ApiError::Unauthorized),
                         };
                         match principal {

@@ -12,10 +12,11 @@ const LAYERS: &[&[&str]] = &[
     &["cli"],
     &["app"],
     &["runtime", "lambda"],
-    &["service", "sql", "idempotency"],
+    &["idempotency"],
+    &["service", "sql"],
     &["router"],
     &["auth", "meters"],
-    &["http", "db"],
+    &["http", "db", "jwks"],
     &["config", "error", "migrate", "catalog", "telemetry"],
     &["pg", "encode", "roles"],
 ];

@@ -164,9 +164,24 @@ async fn every_bad_token_is_the_same_401() {
             "no sub",
             format!("Bearer {}", hs256(&with(json!({"sub": null})), secret)),
         ),
+        // A string that is not an id is an external subject (see `identity`); these are not.
         (
-            "sub not an id",
-            format!("Bearer {}", hs256(&with(json!({"sub": "alice"})), secret)),
+            "sub not a string",
+            format!("Bearer {}", hs256(&with(json!({"sub": 1})), secret)),
+        ),
+        (
+            "sub over 255 bytes",
+            format!(
+                "Bearer {}",
+                hs256(&with(json!({"sub": "a".repeat(256)})), secret)
+            ),
+        ),
+        (
+            "sub with a control character",
+            format!(
+                "Bearer {}",
+                hs256(&with(json!({"sub": "al\u{7}ice"})), secret)
+            ),
         ),
         (
             "unknown role",

@@ -11,6 +11,7 @@ mod cors;
 mod deploy;
 mod faults;
 mod helpers;
+mod identity;
 mod keyed_writes;
 mod lambda;
 mod lifecycle;
