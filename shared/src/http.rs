@@ -5,6 +5,7 @@ use bytes::Bytes;
 use http::{HeaderValue, StatusCode, header};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use serde_json::Value;
 
 use crate::error::ApiError;
 
@@ -32,25 +33,67 @@ impl PathParams {
 /// Parses a JSON body into `T`, naming the offending field on a shape error.
 ///
 /// Syntax errors (including invalid UTF-8 and nesting past serde_json's depth limit) are
-/// `invalid_json`; well-formed JSON of the wrong shape is `invalid_request`.
+/// `invalid_json`; well-formed JSON of the wrong shape is `invalid_request`. A number with a
+/// zero fraction (`5.0`) is an integer, as JSON Schema and the OpenAPI contract count it, and
+/// as a JavaScript client may write it; that is tried only after a first parse fails, so a
+/// well-formed body is parsed once.
 pub fn json_body<T: DeserializeOwned>(request: &Request) -> Result<T, ApiError> {
     require_json_content_type(request)?;
     let body = request.body();
     let mut de = serde_json::Deserializer::from_slice(body);
-    let value: T = serde_path_to_error::deserialize(&mut de).map_err(|e| {
-        let path = e.path().to_string();
-        let inner = e.into_inner();
-        match inner.classify() {
-            serde_json::error::Category::Data => {
-                let field = if path == "." { "body".to_owned() } else { path };
-                ApiError::InvalidRequest(format!("{field}: {}", strip_position(&inner)))
+    let first = serde_path_to_error::deserialize(&mut de).map_err(shape_error);
+    let value: T = match first {
+        Ok(value) => value,
+        Err(e) => {
+            let Ok(mut parsed) = serde_json::from_slice::<Value>(body) else {
+                return Err(e);
+            };
+            if !integral_floats_to_integers(&mut parsed) {
+                return Err(e);
             }
-            _ => ApiError::InvalidJson(strip_position(&inner)),
+            return serde_path_to_error::deserialize(parsed).map_err(shape_error);
         }
-    })?;
+    };
     de.end()
         .map_err(|e| ApiError::InvalidJson(strip_position(&e)))?;
     Ok(value)
+}
+
+fn shape_error(e: serde_path_to_error::Error<serde_json::Error>) -> ApiError {
+    let path = e.path().to_string();
+    let inner = e.into_inner();
+    match inner.classify() {
+        serde_json::error::Category::Data => {
+            let field = if path == "." { "body".to_owned() } else { path };
+            ApiError::InvalidRequest(format!("{field}: {}", strip_position(&inner)))
+        }
+        _ => ApiError::InvalidJson(strip_position(&inner)),
+    }
+}
+
+/// Rewrites every float with a zero fraction that an f64 holds exactly (|x| <= 2^53) as an
+/// integer; says whether it rewrote any. Beyond 2^53 the text may not be what the client meant.
+fn integral_floats_to_integers(value: &mut Value) -> bool {
+    const EXACT: f64 = 9_007_199_254_740_992.0;
+    match value {
+        Value::Number(n) if n.is_f64() => {
+            let x = n.as_f64().unwrap_or(f64::NAN);
+            if x.fract() == 0.0 && x.abs() <= EXACT {
+                // In range by the check above, so the cast is exact.
+                *value = Value::from(x as i64);
+                true
+            } else {
+                false
+            }
+        }
+        Value::Array(items) => items
+            .iter_mut()
+            .fold(false, |any, v| integral_floats_to_integers(v) | any),
+        Value::Object(fields) => fields
+            .values_mut()
+            .fold(false, |any, v| integral_floats_to_integers(v) | any),
+        _ => false,
+    }
 }
 
 /// serde_json appends "at line 1 column 12"; the message reads better without it for shape
@@ -183,6 +226,45 @@ pub fn conditional_json(request: &Request, body: Bytes, cache_control: &'static 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_zero_fraction_is_an_integer_and_nothing_else_is() {
+        #[derive(serde::Deserialize, Debug)]
+        #[serde(deny_unknown_fields)]
+        struct Line {
+            id: i64,
+            n: Option<i64>,
+        }
+        let parse = |body: &str| {
+            let request = http::Request::builder()
+                .header(header::CONTENT_TYPE, "application/json")
+                .body(Bytes::from(body.to_owned()))
+                .unwrap();
+            json_body::<Vec<Line>>(&request)
+        };
+        let lines =
+            parse(r#"[{"id": 5.0, "n": -2.0}, {"id": 9007199254740992.0, "n": null}]"#).unwrap();
+        assert_eq!(
+            (lines[0].id, lines[0].n, lines[1].id),
+            (5, Some(-2), 1 << 53)
+        );
+        for bad in [
+            r#"[{"id": 1.5}]"#,
+            r#"[{"id": 1e300}]"#,
+            r#"[{"id": 18014398509481984.0}]"#,
+            r#"[{"id": 5.0, "extra": 1}]"#,
+            r#"[{"id": "5"}]"#,
+        ] {
+            assert!(
+                matches!(parse(bad), Err(ApiError::InvalidRequest(_))),
+                "{bad}"
+            );
+        }
+        assert!(matches!(
+            parse(r#"[{"id": 5}] x"#),
+            Err(ApiError::InvalidJson(_))
+        ));
+    }
 
     #[test]
     fn etags_are_matched_in_lists_weak_or_strong_and_by_star() {

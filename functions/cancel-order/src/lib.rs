@@ -61,6 +61,35 @@ impl Domain for InvalidTransition {
     }
 }
 
+/// What the order's state makes of the body's `restock`: 409, since the same body is right for
+/// an order in another state.
+#[derive(Debug, thiserror::Error)]
+pub enum ReturnError {
+    #[error(
+        "the order is PENDING and not in fulfilment: nothing has left, so its stock returns; send no restock, or restock: true"
+    )]
+    NothingShipped,
+    #[error(
+        "the order is in fulfilment (CONFIRMED, or claimed by the processor): cancelling it is a return, so say whether the goods came back with {{\"restock\": true}} or {{\"restock\": false}}"
+    )]
+    RestockRequired,
+}
+
+impl Domain for ReturnError {
+    fn status(&self) -> StatusCode {
+        StatusCode::CONFLICT
+    }
+    fn code(&self) -> &'static str {
+        match self {
+            Self::NothingShipped => "nothing_shipped",
+            Self::RestockRequired => "restock_required",
+        }
+    }
+    fn fields(&self) -> Map<String, Value> {
+        Map::new()
+    }
+}
+
 /// The optional body. Unknown fields are refused so that a typo cannot silently restock.
 #[derive(Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -107,11 +136,7 @@ fn cancelled(id: i64, rows: &[tokio_postgres::Row]) -> Result<Answer, ApiError> 
             status: row.get(1),
         }
         .into()),
-        Outcome::NothingShipped => Err(ApiError::InvalidRequest(
-            "the order is PENDING and not in fulfilment: nothing has left, so its stock returns; send no restock, or restock: true".into(),
-        )),
-        Outcome::RestockRequired => Err(ApiError::InvalidRequest(
-            "the order is in fulfilment (CONFIRMED, or claimed by the processor): cancelling it is a return, so say whether the goods came back with {\"restock\": true} or {\"restock\": false}".into(),
-        )),
+        Outcome::NothingShipped => Err(ReturnError::NothingShipped.into()),
+        Outcome::RestockRequired => Err(ReturnError::RestockRequired.into()),
     }
 }

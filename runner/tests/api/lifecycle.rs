@@ -295,7 +295,7 @@ async fn customers_cancel_pending_orders_only_and_an_admins_return_says_whether_
     // An admin must say whether the goods came back.
     cancel(kept, app.admin(), "")
         .await
-        .assert_problem(400, "invalid_request");
+        .assert_problem(409, "restock_required");
     cancel(kept, app.admin(), r#"{"restok":true}"#)
         .await
         .assert_problem(400, "invalid_request");
@@ -333,7 +333,7 @@ async fn customers_cancel_pending_orders_only_and_an_admins_return_says_whether_
     );
     cancel(claimed, app.admin(), "")
         .await
-        .assert_problem(400, "invalid_request");
+        .assert_problem(409, "restock_required");
     let r = cancel(claimed, app.admin(), r#"{"restock":false}"#).await;
     assert_eq!(r.status, 200, "{:?}", r.body);
     assert_eq!(
@@ -346,7 +346,7 @@ async fn customers_cancel_pending_orders_only_and_an_admins_return_says_whether_
     let pending = place().await;
     cancel(pending, app.admin(), r#"{"restock":false}"#)
         .await
-        .assert_problem(400, "invalid_request");
+        .assert_problem(409, "nothing_shipped");
     let r = cancel(pending, app.customer(1), "").await;
     assert_eq!(r.status, 200, "{:?}", r.body);
     assert_eq!(app.inventory(1).await, 44);

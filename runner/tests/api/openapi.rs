@@ -54,3 +54,75 @@ async fn the_document_is_served_and_matches_every_mounted_route() {
         "the public ones are exactly the documented security: []"
     );
 }
+
+/// Every operation of the document that lists a status, with a concrete path (ids are 1).
+fn operations_documenting(doc: &serde_json::Value, status: &str) -> Vec<(String, String)> {
+    let mut found = Vec::new();
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for (method, operation) in item.as_object().unwrap() {
+            if operation["responses"].get(status).is_some() {
+                found.push((method.to_uppercase(), path.replace("{id}", "1")));
+            }
+        }
+    }
+    found
+}
+
+/// The transport's own 4xx, which no generated request provokes: 413 for a declared body over
+/// the cap and 408 for a body that stalls, on every operation that documents them (the
+/// contract run, contract/run.sh, counts these as observed here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_operation_answers_413_to_an_oversized_body_and_408_to_a_stalled_one() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let app = TestApp::spawn_on(
+        crate::helpers::admin_url(),
+        &[("BODY_READ_TIMEOUT_MS", "300")],
+    )
+    .await;
+    let doc: serde_json::Value = serde_json::from_str(OPENAPI).unwrap();
+    let too_large = operations_documenting(&doc, "413");
+    assert!(too_large.len() >= 10, "{too_large:?}");
+    for (method, path) in &too_large {
+        let method = http::Method::from_bytes(method.as_bytes()).unwrap();
+        let r = app
+            .request(
+                method.clone(),
+                path,
+                &[("content-type", "application/json")],
+                vec![b' '; 65 * 1024],
+            )
+            .await;
+        r.assert_problem(413, "payload_too_large");
+    }
+    let stalled = operations_documenting(&doc, "408");
+    assert!(stalled.len() >= 10, "{stalled:?}");
+    let token = app.admin();
+    let mut answers = tokio::task::JoinSet::new();
+    for (method, path) in stalled {
+        let head = format!(
+            "{method} {path} HTTP/1.1\r\nHost: x\r\nAuthorization: {token}\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{{"
+        );
+        let addr = app.addr;
+        answers.spawn(async move {
+            let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+            stream.write_all(head.as_bytes()).await.unwrap();
+            let mut out = Vec::new();
+            let read = tokio::time::timeout(
+                std::time::Duration::from_secs(5),
+                stream.read_to_end(&mut out),
+            )
+            .await;
+            assert!(read.is_ok(), "{method} {path}: still open");
+            let text = String::from_utf8_lossy(&out).into_owned();
+            assert!(text.starts_with("HTTP/1.1 408"), "{method} {path}: {text}");
+            assert!(
+                text.contains("\"error\":\"request_timeout\""),
+                "{method} {path}"
+            );
+        });
+    }
+    while let Some(answer) = answers.join_next().await {
+        answer.unwrap();
+    }
+    assert_eq!(app.count("SELECT count(*) FROM orders").await, 0);
+}
