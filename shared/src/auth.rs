@@ -14,6 +14,7 @@
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use http::HeaderMap;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
@@ -74,9 +75,12 @@ pub fn principal(request: &Request) -> Result<Principal, ApiError> {
 
 const CE_AUTHORIZATION: &str = "ce-authorization";
 
-/// External subjects resolved in this process: a subject's user never changes (users are not
-/// deleted), so an entry never goes stale. Bounded: emptied when full.
+/// External subjects resolved in this process, so a subject's next requests cost no query.
+/// Bounded (emptied when full), and each entry trusted for a minute only: a restore or a
+/// deleted user may give its id to someone else, and a minute bounds how long a pod can
+/// believe the old mapping.
 const KNOWN_SUBJECTS: usize = 10_000;
+const KNOWN_FOR: Duration = Duration::from_secs(60);
 
 /// Verifies bearer tokens and resolves their subjects. Built once at start.
 pub struct Verifier {
@@ -88,7 +92,7 @@ pub struct Verifier {
     admin_role: String,
     provision: bool,
     external_only: bool,
-    known: Mutex<HashMap<String, i64>>,
+    known: Mutex<HashMap<String, (i64, Instant)>>,
 }
 
 /// A token's `sub`: a users.id, or a subject to look up in users.external_id.
@@ -157,17 +161,18 @@ impl Verifier {
         pool: &Pool,
     ) -> Result<Principal, ApiError> {
         let token = bearer(headers).ok_or(ApiError::Unauthorized)?;
-        let claims = self.verify(token).await?;
+        let (claims, from_provider) = self.verify(token).await?;
         let role = self.role(&claims)?;
-        let user_id = match self.subject(&claims)? {
+        let user_id = match self.subject(&claims, from_provider)? {
             Subject::Id(id) => id,
             Subject::External(subject) => self.user_for(&subject, pool).await?,
         };
         Ok(Principal { user_id, role })
     }
 
-    /// The token's claims, once its signature and its time, issuer and audience are checked.
-    async fn verify(&self, token: &str) -> Result<Map<String, Value>, ApiError> {
+    /// The token's claims, once its signature and its time, issuer and audience are checked,
+    /// and whether a JWKS key verified it (rather than the fixed key).
+    async fn verify(&self, token: &str) -> Result<(Map<String, Value>, bool), ApiError> {
         let header = jsonwebtoken::decode_header(token).map_err(|_| ApiError::Unauthorized)?;
         // Borrowed on the fixed key's path, which every request of `tally token`'s takes.
         let (key, validation): (Cow<'_, DecodingKey>, Cow<'_, Validation>) =
@@ -188,8 +193,9 @@ impl Verifier {
                 (None, Some(_), None) => return Err(refused("no kid, and no fixed key")),
                 (_, None, None) => return Err(ApiError::Unauthorized),
             };
+        let from_provider = matches!(key, Cow::Owned(_));
         jsonwebtoken::decode::<Map<String, Value>>(token, &key, &validation)
-            .map(|data| data.claims)
+            .map(|data| (data.claims, from_provider))
             .map_err(|e| {
                 tracing::debug!(reason = ?e.kind(), "token refused");
                 ApiError::Unauthorized
@@ -212,12 +218,20 @@ impl Verifier {
         }
     }
 
-    fn subject(&self, claims: &Map<String, Value>) -> Result<Subject, ApiError> {
+    /// A provider's subject is always external: its `"17"` is the provider's user 17, not
+    /// ours. Only the fixed key's tokens (what `tally token` mints) name a users.id, unless
+    /// the operator made every subject external.
+    fn subject(
+        &self,
+        claims: &Map<String, Value>,
+        from_provider: bool,
+    ) -> Result<Subject, ApiError> {
         let sub = claims
             .get("sub")
             .and_then(Value::as_str)
             .ok_or_else(|| refused("sub is not a string"))?;
-        if !self.external_only
+        if !from_provider
+            && !self.external_only
             && let Some(id) = parse_id(sub)
         {
             return Ok(Subject::Id(id));
@@ -235,7 +249,9 @@ impl Verifier {
     /// `user_for_subject`, which creates it on first sight when provisioning is on. That runs
     /// in a read-write transaction, so the read-only role's GET can provision too.
     async fn user_for(&self, subject: &str, pool: &Pool) -> Result<i64, ApiError> {
-        if let Some(id) = self.known().get(subject) {
+        if let Some((id, at)) = self.known().get(subject)
+            && at.elapsed() < KNOWN_FOR
+        {
             return Ok(*id);
         }
         let mut conn = pool.get().await?;
@@ -266,11 +282,11 @@ impl Verifier {
         if known.len() >= KNOWN_SUBJECTS {
             known.clear();
         }
-        known.insert(subject.to_owned(), id);
+        known.insert(subject.to_owned(), (id, Instant::now()));
         Ok(id)
     }
 
-    fn known(&self) -> std::sync::MutexGuard<'_, HashMap<String, i64>> {
+    fn known(&self) -> std::sync::MutexGuard<'_, HashMap<String, (i64, Instant)>> {
         self.known
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)

@@ -75,11 +75,13 @@ pub struct Keyed {
 }
 
 impl Keyed {
-    /// The request's key, if it sent one, owned by `owner` and bound to the method, the path
-    /// and `what`: the request as parsed, so reformatted JSON is the same request.
+    /// The request's key, if it sent one, owned by `owner` and bound to `operation` and
+    /// `what`: the request as parsed (its path ids included), so reformatted JSON, or an id
+    /// written `01`, is the same request.
     pub fn from_request(
         request: &Request,
         owner: i64,
+        operation: &str,
         what: &impl Serialize,
     ) -> Result<Option<Self>, ApiError> {
         let Some(key) = key(request)? else {
@@ -88,9 +90,7 @@ impl Keyed {
         let canonical = serde_json::to_vec(what)
             .map_err(|e| ApiError::Internal(format!("fingerprinting a request: {e}")))?;
         let mut hash = Sha256::new();
-        hash.update(request.method().as_str());
-        hash.update(b" ");
-        hash.update(request.uri().path());
+        hash.update(operation);
         hash.update(b"\n");
         hash.update(&canonical);
         Ok(Some(Self {
@@ -156,9 +156,17 @@ pub async fn once(
     ];
     // The INSERT waits while another transaction holds the same key, and conflicts once it
     // commits; the SELECT after it is a new statement, so it sees what that one stored.
-    let claimed = meters::timed("claim_idempotency_key", tx.query_typed(CLAIM_SQL, &id)).await?;
+    let mut claimed =
+        meters::timed("claim_idempotency_key", tx.query_typed(CLAIM_SQL, &id)).await?;
+    let mut stored = Vec::new();
     if claimed.is_empty() {
-        let stored = tx.query_typed(STORED_SQL, &id[..2]).await?;
+        stored = tx.query_typed(STORED_SQL, &id[..2]).await?;
+        // Gone between the two statements (the processor forgets old keys): claim it again.
+        if stored.is_empty() {
+            claimed = tx.query_typed(CLAIM_SQL, &id).await?;
+        }
+    }
+    if claimed.is_empty() {
         let row = stored.first().ok_or(KeyError::InFlight)?;
         if row.get::<_, &str>(0) != keyed.fingerprint {
             return Err(KeyError::Reused.into());

@@ -53,6 +53,10 @@ struct KeySet {
 }
 
 pub struct Jwks {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
     url: url::Url,
     client: reqwest::Client,
     algorithms: Vec<Algorithm>,
@@ -75,42 +79,58 @@ impl Jwks {
             .build()
             .map_err(|e| ConfigError::new(format!("JWT_JWKS_URL: an HTTP client: {e}")))?;
         Ok(Some(Self {
-            url: jwks_url(raw)?,
-            client,
-            algorithms: config
-                .jwt_jwks_algorithms
-                .iter()
-                .filter_map(|a| jwks_algorithm(a))
-                .collect(),
-            max_age: Duration::from_secs(config.jwt_jwks_max_age_secs),
-            min_refresh: Duration::from_secs(config.jwt_jwks_min_refresh_secs),
-            current: RwLock::default(),
-            refresh: tokio::sync::Mutex::new(None),
+            inner: Arc::new(Inner {
+                url: jwks_url(raw)?,
+                client,
+                algorithms: config
+                    .jwt_jwks_algorithms
+                    .iter()
+                    .filter_map(|a| jwks_algorithm(a))
+                    .collect(),
+                max_age: Duration::from_secs(config.jwt_jwks_max_age_secs),
+                min_refresh: Duration::from_secs(config.jwt_jwks_min_refresh_secs),
+                current: RwLock::default(),
+                refresh: tokio::sync::Mutex::new(None),
+            }),
         }))
     }
 
     /// Whether a token may use `algorithm` here.
     pub fn allows(&self, algorithm: Algorithm) -> bool {
-        self.algorithms.contains(&algorithm)
+        self.inner.algorithms.contains(&algorithm)
     }
 
     /// The key `kid` names for a token signed with `algorithm`: None when the provider has no
     /// such key (or it does not fit the algorithm), 503 when no key set was ever fetched.
+    ///
+    /// A known key is answered from what we hold, even past its age: a stale set is fetched
+    /// again beside the request, so a provider that is slow or down delays nobody. Only an
+    /// unknown `kid` (or no set yet) waits for a fetch, and that fetch is a task of its own, so
+    /// a caller that gives up does not take it (and its rate-limit slot) down with it.
     pub async fn key(
         &self,
         kid: &str,
         algorithm: Algorithm,
     ) -> Result<Option<DecodingKey>, ApiError> {
-        let set = self.snapshot();
-        let fresh = set.fetched.is_some_and(|at| at.elapsed() < self.max_age);
-        if !(fresh && set.keys.contains_key(kid)) {
-            self.refresh(set.fetched).await;
+        let inner = &self.inner;
+        let set = inner.snapshot();
+        let fresh = set.fetched.is_some_and(|at| at.elapsed() < inner.max_age);
+        let seen = set.fetched;
+        if set.keys.contains_key(kid) {
+            if !fresh {
+                let inner = self.inner.clone();
+                tokio::spawn(async move { inner.refresh(seen, false).await });
+            }
+        } else {
+            let inner = self.inner.clone();
+            // A panic in the fetch is the fetch's; the caller answers from what is held.
+            let _ = tokio::spawn(async move { inner.refresh(seen, true).await }).await;
         }
-        let set = self.snapshot();
+        let set = inner.snapshot();
         if set.fetched.is_none() {
             return Err(ApiError::Unavailable(format!(
                 "no signing keys could be fetched from {}",
-                self.url
+                inner.url
             )));
         }
         Ok(set.keys.get(kid).and_then(|key| {
@@ -119,7 +139,9 @@ impl Jwks {
             fits.then(|| key.decoding.clone())
         }))
     }
+}
 
+impl Inner {
     fn snapshot(&self) -> Arc<KeySet> {
         self.current
             .read()
@@ -128,9 +150,17 @@ impl Jwks {
     }
 
     /// Fetches the keys again unless another task did since `seen` was read, or the last
-    /// attempt was under `min_refresh` ago. Concurrent callers wait for the one fetch.
-    async fn refresh(&self, seen: Option<Instant>) {
-        let mut last = self.refresh.lock().await;
+    /// attempt was under `min_refresh` ago. Callers that `wait` queue for the one fetch in
+    /// progress; a background refresh leaves it to that fetch.
+    async fn refresh(&self, seen: Option<Instant>, wait: bool) {
+        let mut last = if wait {
+            self.refresh.lock().await
+        } else {
+            match self.refresh.try_lock() {
+                Ok(last) => last,
+                Err(_) => return,
+            }
+        };
         if self.snapshot().fetched != seen {
             return;
         }

@@ -177,7 +177,7 @@ async fn create_product(request: Request, state: AppState) -> HandlerResult {
         )));
     }
     new.name = new.name.trim().to_owned();
-    let keyed = Keyed::from_request(&request, caller.user_id, &new)?;
+    let keyed = Keyed::from_request(&request, caller.user_id, "create_product", &new)?;
     // ON CONFLICT rather than catching the unique violation: a duplicate is an answer, not an
     // error, and leaves nothing in the server log.
     let statement = format!(
@@ -331,7 +331,12 @@ async fn adjust_inventory(request: Request, state: AppState) -> HandlerResult {
          FROM adjust_inventory($1, $2, $3, $4) a \
          LEFT JOIN LATERAL (SELECT {PRODUCT_COLUMNS} FROM products WHERE id = $1) p ON true"
     );
-    let keyed = Keyed::from_request(&request, caller.user_id, &adjustment)?;
+    let keyed = Keyed::from_request(
+        &request,
+        caller.user_id,
+        "adjust_inventory",
+        &(id, &adjustment),
+    )?;
     let reason = adjustment.reason.as_str();
     let params: [(&(dyn tokio_postgres::types::ToSql + Sync), Type); 4] = [
         (&id, Type::INT8),

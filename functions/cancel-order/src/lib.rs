@@ -107,7 +107,7 @@ pub async fn cancel_order(request: Request, state: AppState) -> HandlerResult {
     } else {
         json_body::<CancelBody>(&request)?
     };
-    let keyed = Keyed::from_request(&request, caller.user_id, &body)?;
+    let keyed = Keyed::from_request(&request, caller.user_id, "cancel_order", &(id, &body))?;
     let params: [(&(dyn tokio_postgres::types::ToSql + Sync), Type); 3] = [
         (&id, Type::INT8),
         (&actor, Type::INT8),

@@ -325,8 +325,24 @@ async fn the_operator_chooses_provisioning_numeric_subjects_and_the_role_claim()
     .assert_problem(401, "unauthorized");
     assert_eq!(user_of(&app, "okta|00u1new").await, None);
 
-    // External subjects only: "1" is a subject like any other, not user 1.
+    // A provider's "1" is the provider's user 1, never ours: always an external subject.
     app.order(1, &[(1, 1)]).await;
+    let r = get_as(&app, "/orders", &signer.bearer("k1", "1", json!({}))).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json(), json!([]), "not user 1's orders");
+    let provider_one = user_of(&app, "1").await.expect("provisioned");
+    assert_ne!(provider_one, 1);
+    // The fixed key's "1" is user 1, as `tally token` mints it, unless the operator makes every
+    // subject external: then it is the same external subject "1" as the provider's.
+    assert_eq!(
+        get_as(&app, "/orders", &app.customer(1))
+            .await
+            .json()
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
     let strict = app
         .spawn_function(
             "list-orders",
@@ -334,10 +350,13 @@ async fn the_operator_chooses_provisioning_numeric_subjects_and_the_role_claim()
             &settings(&url, &[("JWT_EXTERNAL_SUBJECTS_ONLY", "true")]),
         )
         .await;
-    let r = get_as(&strict, "/orders", &signer.bearer("k1", "1", json!({}))).await;
+    let r = get_as(&strict, "/orders", &app.customer(1)).await;
     assert_eq!(r.status, 200);
-    assert_eq!(r.json(), json!([]), "not user 1's orders");
-    assert_ne!(user_of(&app, "1").await, Some(1));
+    assert_eq!(
+        r.json(),
+        json!([]),
+        "the external subject's orders, not user 1's"
+    );
 
     // The role from a nested array claim, as Keycloak puts it.
     let admins = app
@@ -366,4 +385,33 @@ async fn the_operator_chooses_provisioning_numeric_subjects_and_the_role_claim()
         .post_json_as(&as_user, "/products/1/inventory", &restock)
         .await
         .assert_problem(403, "forbidden");
+}
+
+#[tokio::test]
+async fn a_provider_that_breaks_delays_nobody_whose_key_is_held() {
+    let signer = ec("held");
+    let provider = Provider::start(&[&signer]).await;
+    let url = provider.url();
+    let app = TestApp::spawn_on(
+        crate::helpers::admin_url(),
+        &settings(&url, &[("JWT_JWKS_MAX_AGE_SECS", "1")]),
+    )
+    .await;
+    let bearer = signer.bearer("held", "okta|held", json!({}));
+    assert_eq!(get_as(&app, "/orders", &bearer).await.status, 200);
+    // The provider now answers garbage, and the keys we hold grow old.
+    *provider.keys.lock().unwrap() = "<html>maintenance</html>".into();
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    for _ in 0..5 {
+        let started = std::time::Instant::now();
+        assert_eq!(get_as(&app, "/orders", &bearer).await.status, 200);
+        assert!(
+            started.elapsed() < Duration::from_millis(500),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+    // A refresh was tried beside the requests (one: the floor is a second), and failed.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(provider.fetches(), 2);
 }

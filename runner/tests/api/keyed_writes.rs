@@ -79,6 +79,9 @@ async fn each_keyed_write_replays_byte_for_byte_and_does_its_work_once() {
     // Without the key a second cancel is 409; with it, the retry learns what the first did.
     let again = app.keyed(&cancel, "cancel-1", "{}", None).await;
     assert_replay(&first, &again);
+    // The same order however its id is written: the fingerprint holds the parsed id.
+    let zero_padded = format!("/orders/0{order}/cancel");
+    assert_replay(&first, &app.keyed(&zero_padded, "cancel-1", "", None).await);
     app.request(Method::POST, &cancel, &[], "")
         .await
         .assert_problem(409, "invalid_transition");
