@@ -28,6 +28,8 @@ SCHEMAS = {
 # Postgres keeps this many for superusers (superuser_reserved_connections, default 3).
 SUPERUSER_RESERVE_DEFAULT = 3
 MAX_POOL = 4
+# A rollout runs the old and the new revision side by side, each up to its max-scale.
+ROLLOUT_REVISIONS = 2
 
 
 def render(overlay):
@@ -66,7 +68,8 @@ def find(docs, kind, name=None):
 def connection_budget(docs):
     """(used, available, lines): the worst case of connections against what Postgres allows.
 
-    used = sum over Knative Services of max-scale x POOL_SIZE
+    used = sum over Knative Services of 2 x max-scale x POOL_SIZE (during a rollout the old and
+           the new revision can each reach max-scale)
          + sum of the jobs' tally.dev/db-connections (the processor is a Knative Service)
          + the admin reserve annotated on the StatefulSet
     available = max_connections - superuser_reserved_connections
@@ -85,8 +88,8 @@ def connection_budget(docs):
             raise SystemExit(f"{svc['metadata']['name']}: POOL_SIZE {pool}, but min({MAX_POOL}, containerConcurrency {concurrency}) = {expected}")
         # Connections a pod opens besides its pool (the backup's pg_dump).
         extra = int(template["metadata"]["annotations"].get("tally.dev/extra-db-connections", "0"))
-        used += max_scale * (pool + extra)
-        lines.append(f"  {svc['metadata']['name']:<16} max-scale {max_scale:>3} x (pool {pool} + {extra}) = {max_scale * (pool + extra)}")
+        used += ROLLOUT_REVISIONS * max_scale * (pool + extra)
+        lines.append(f"  {svc['metadata']['name']:<16} {ROLLOUT_REVISIONS} revisions x max-scale {max_scale:>3} x (pool {pool} + {extra}) = {ROLLOUT_REVISIONS * max_scale * (pool + extra)}")
     for kind in ("Job", "CronJob"):
         for job in find(docs, kind):
             n = int(job["metadata"].get("annotations", {}).get("tally.dev/db-connections", "1"))
@@ -178,8 +181,27 @@ def privilege_problems(docs):
     return problems
 
 
+def rollout_problems(docs):
+    """Every Knative Service declares its traffic (latest revision, 100%), so each apply resets a
+    rollback's pin; and the kubelet's probes ask the process (/livez), not the database."""
+    problems = []
+    for svc in find(docs, "Service"):
+        if svc["apiVersion"] != "serving.knative.dev/v1":
+            continue
+        name = svc["metadata"]["name"]
+        if svc["spec"].get("traffic") != [{"latestRevision": True, "percent": 100}]:
+            problems.append(f"Service/{name}: spec.traffic must be [latestRevision: true, percent: 100]")
+        container = svc["spec"]["template"]["spec"]["containers"][0]
+        for probe in ("readinessProbe", "livenessProbe"):
+            path = container.get(probe, {}).get("httpGet", {}).get("path")
+            if path != "/livez":
+                problems.append(f"Service/{name}: {probe} must GET /livez (the process), not {path!r}")
+    return problems
+
+
 def check(docs, label):
-    errors = [p for d in docs for p in problems_of(d)] + privilege_problems(docs) + port_problems(docs)
+    errors = ([p for d in docs for p in problems_of(d)] + privilege_problems(docs)
+              + port_problems(docs) + rollout_problems(docs))
     if errors:
         return errors, 0, 0, []
     used, available, lines = connection_budget(docs)
@@ -243,9 +265,60 @@ def mutations(docs):
         svc["spec"]["template"]["metadata"]["annotations"]["autoscaling.knative.dev/max-scale"] = "100"
         return ds
 
+    def traffic_pinned(ds):
+        find(ds, "Service", "get-order")[0]["spec"]["traffic"] = [
+            {"revisionName": "get-order-00001", "percent": 100}]
+        return ds
+
+    def probe_on_the_database(ds):
+        c = find(ds, "Service", "cancel-order")[0]["spec"]["template"]["spec"]["containers"][0]
+        c["readinessProbe"]["httpGet"]["path"] = "/healthz"
+        return ds
+
+    def pdb_typo(ds):
+        pdb = find(ds, "PodDisruptionBudget", "postgres")[0]
+        pdb["spec"]["maxUnavailabl"] = pdb["spec"].pop("maxUnavailable")
+        return ds
+
     return [f for f in (knative_container_typo, knative_probe_typo, statefulset_container_typo,
                         cronjob_typo, pingsource_typo, key_in_public_function,
-                        owner_role_in_a_function, metrics_on_a_queue_proxy_port, over_budget)]
+                        owner_role_in_a_function, metrics_on_a_queue_proxy_port, over_budget,
+                        traffic_pinned, probe_on_the_database, pdb_typo)]
+
+
+def rollout_steps_hold(docs):
+    """knative/rollout.py's candidate and rollback manifests, from the rendered overlay and a
+    previous revision per function (one function new): each validates strictly, and its traffic
+    is what the step means."""
+    import tempfile
+    services = [d["metadata"]["name"] for d in find(docs, "Service") if d["apiVersion"] == "serving.knative.dev/v1"]
+    revisions = {name: f"{name}-00007" for name in services[1:]}
+    ok = True
+    with tempfile.TemporaryDirectory() as tmp:
+        rendered, previous = pathlib.Path(tmp, "rendered.yaml"), pathlib.Path(tmp, "previous.txt")
+        rendered.write_text(yaml.safe_dump_all(docs))
+        previous.write_text("".join(f"{n} {revisions.get(n, '')}\n" for n in services))
+        for step in ("candidate", "rollback"):
+            out = subprocess.run([sys.executable, str(HERE / "rollout.py"), step, str(rendered), str(previous)],
+                                 check=True, capture_output=True, text=True).stdout
+            stepped = [d for d in yaml.safe_load_all(out) if d]
+            errors = [p for d in stepped for p in problems_of(d)]
+            for svc in find(stepped, "Service"):
+                if svc["apiVersion"] != "serving.knative.dev/v1":
+                    continue
+                name, traffic = svc["metadata"]["name"], svc["spec"]["traffic"]
+                old = revisions.get(name)
+                want = ([{"latestRevision": True, "percent": 100}] if not old
+                        else [{"revisionName": old, "percent": 100}] + (
+                            [{"latestRevision": True, "tag": "candidate", "percent": 0}] if step == "candidate" else []))
+                if traffic != want:
+                    errors.append(f"Service/{name}: {step} traffic {traffic}, expected {want}")
+            if errors or len(stepped) != len(docs):
+                ok = False
+                print(f"FAIL rollout.py {step}:", *errors[:10], sep="\n  ")
+            else:
+                print(f"ok   rollout.py {step}: {len(stepped)} objects valid, traffic as the step means")
+    return ok
 
 
 def main():
@@ -270,6 +343,7 @@ def main():
                 else:
                     failed = True
                     print(f"FAIL the checks accepted a broken manifest: {mutate.__name__}")
+    failed |= not rollout_steps_hold(render(OVERLAYS[-1]))
     secrets = [d for d in yaml.safe_load_all((HERE / "secrets.template.yaml").read_text()) if d]
     secret_errors = [p for d in secrets for p in problems_of(d)]
     if secret_errors or any(v != "REPLACE_ME" and "REPLACE_ME" not in v and k.endswith(("PASSWORD", "SECRET", "SECRET_KEY", "KEY_ID"))

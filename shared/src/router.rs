@@ -158,7 +158,7 @@ impl Router {
             Method::GET | Method::HEAD => Ok(()),
             _ => Err(ApiError::MethodNotAllowed(vec![Method::GET, Method::HEAD])),
         };
-        if matches!(path.as_str(), "/openapi.json" | "/healthz")
+        if matches!(path.as_str(), "/openapi.json" | "/healthz" | "/livez")
             && request.method() == Method::OPTIONS
         {
             return (Ok(options(&[Method::GET, Method::HEAD])), "options");
@@ -166,6 +166,12 @@ impl Router {
         if path == "/openapi.json" {
             let result = get_only(&request).map(|()| openapi());
             return (result, "/openapi.json");
+        }
+        if path == "/livez" {
+            // The kubelet's probes: the process answers. Not the database, so a Postgres restart
+            // does not take every function out of rotation; their requests get a fast 503.
+            let result = get_only(&request).map(|()| text_ok());
+            return (result, "/livez");
         }
         if path == "/healthz" {
             let result = match get_only(&request) {
@@ -247,11 +253,15 @@ fn openapi() -> Response {
 async fn health(state: &AppState) -> HandlerResult {
     let conn = state.db().await?;
     conn.simple_query("").await?;
-    Ok(http::Response::builder()
+    Ok(text_ok())
+}
+
+fn text_ok() -> Response {
+    http::Response::builder()
         .status(StatusCode::OK)
         .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
         .body(Bytes::from_static(b"ok"))
-        .expect("static response is valid"))
+        .expect("static response is valid")
 }
 
 #[cfg(test)]
