@@ -1,5 +1,6 @@
 //! The deployment's contract with the code: every path the runner serves is routed by the
-//! compose proxy to the function that owns it and has a Knative Service; and every function
+//! compose proxy, and by the cluster's HTTPS gateway, to the function that owns it and has a
+//! Knative Service; and every function
 //! binary keeps the Knative runtime contract (listens on $PORT, answers /healthz, writes
 //! nothing outside /tmp, drains in-flight requests on SIGTERM and exits 0, starts fast).
 
@@ -41,6 +42,126 @@ fn proxy_routes() -> (String, Vec<(regex::Regex, String)>) {
         }
     }
     (default, routes)
+}
+
+/// A rule of the gateway's HTTPRoutes (knative/overlays/doks/gateway.yaml): its matches, as
+/// (method or any, path type, value), and the function its Host rewrite names.
+struct GatewayRule {
+    matches: Vec<(Option<String>, String, String)>,
+    function: String,
+}
+
+fn gateway_rules() -> Vec<GatewayRule> {
+    use serde::Deserialize;
+    let text =
+        std::fs::read_to_string(format!("{WORKSPACE}/knative/overlays/doks/gateway.yaml")).unwrap();
+    let mut rules = Vec::new();
+    for document in serde_norway::Deserializer::from_str(&text) {
+        let doc = serde_json::Value::deserialize(document).unwrap();
+        if doc["kind"] != "HTTPRoute" || doc["spec"]["parentRefs"][0]["sectionName"] != "https" {
+            continue;
+        }
+        for rule in doc["spec"]["rules"].as_array().unwrap() {
+            let host = rule["filters"][0]["urlRewrite"]["hostname"]
+                .as_str()
+                .unwrap();
+            let function = host.strip_suffix(".tally.svc.cluster.local").unwrap();
+            let backend = &rule["backendRefs"][0];
+            assert_eq!(
+                (&backend["name"], &backend["namespace"]),
+                (&"kourier-internal".into(), &"kourier-system".into()),
+                "{function}: every rule hands over to Knative's ingress"
+            );
+            let matches = rule["matches"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|m| {
+                    (
+                        m["method"].as_str().map(str::to_owned),
+                        m["path"]["type"].as_str().unwrap().to_owned(),
+                        m["path"]["value"].as_str().unwrap().to_owned(),
+                    )
+                })
+                .collect();
+            rules.push(GatewayRule {
+                matches,
+                function: function.to_owned(),
+            });
+        }
+    }
+    rules
+}
+
+/// Where the gateway sends `method path`: Envoy Gateway's order, Exact before
+/// RegularExpression before PathPrefix (longest first), a method match before none.
+fn gateway_route(rules: &[GatewayRule], method: &str, path: &str) -> Option<String> {
+    let mut best: Option<((u8, usize, u8), &str)> = None;
+    for rule in rules {
+        for (m, kind, value) in &rule.matches {
+            if m.as_deref().is_some_and(|m| m != method) {
+                continue;
+            }
+            let rank = match kind.as_str() {
+                "Exact" if path == value => (3, value.len(), 0),
+                "RegularExpression" if regex::Regex::new(value).unwrap().is_match(path) => {
+                    (2, value.len(), 0)
+                }
+                "PathPrefix" if path.starts_with(value.as_str()) => (1, value.len(), 0),
+                _ => continue,
+            };
+            let rank = (rank.0, rank.1, u8::from(m.is_some()));
+            if best.is_none_or(|(b, _)| rank > b) {
+                best = Some((rank, &rule.function));
+            }
+        }
+    }
+    best.map(|(_, f)| f.to_owned())
+}
+
+#[test]
+fn the_gateway_routes_every_path_the_runner_serves_to_its_function() {
+    let rules = gateway_rules();
+    let mut checked = 0;
+    for (function, function_routes) in tally::functions() {
+        for route in function_routes {
+            let path = route.pattern.replace("{id}", "17");
+            let method = route.method.as_str();
+            assert_eq!(
+                gateway_route(&rules, method, &path).as_deref(),
+                Some(function),
+                "{method} {path}"
+            );
+            if method == "GET" {
+                assert_eq!(
+                    gateway_route(&rules, "HEAD", &path).as_deref(),
+                    Some(function)
+                );
+            }
+            // A browser's preflight for any route reaches a function, which answers it.
+            assert!(gateway_route(&rules, "OPTIONS", &path).is_some());
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, 9, "every route of the six public functions");
+    for path in ["/healthz", "/livez", "/openapi.json"] {
+        assert_eq!(
+            gateway_route(&rules, "GET", path).as_deref(),
+            Some("list-products")
+        );
+    }
+    // What no function claims still reaches one, which answers 404 or 405 with a JSON body.
+    for (method, path) in [
+        ("GET", "/nope"),
+        ("DELETE", "/orders/1"),
+        ("PUT", "/products"),
+    ] {
+        assert_eq!(
+            gateway_route(&rules, method, path).as_deref(),
+            Some("list-products"),
+            "{method} {path}"
+        );
+    }
 }
 
 #[test]
