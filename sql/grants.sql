@@ -26,7 +26,10 @@ BEGIN
         ('order_items', 'SELECT, INSERT, UPDATE', app),
         ('inventory_movements', 'SELECT, INSERT', app),
         ('inventory_shards', 'SELECT, INSERT, UPDATE, DELETE', app),
-        ('idempotency_keys', 'SELECT, INSERT, UPDATE, DELETE', app)
+        ('idempotency_keys', 'SELECT, INSERT, UPDATE, DELETE', app),
+        -- V10: the trigger writes rows as the role that changes the order; the publisher and
+        -- the sweep read and delete them.
+        ('outbox', 'SELECT, INSERT, DELETE', app)
     ) AS t (relation, privileges, grantee)
     LOOP
         IF to_regclass(g.relation) IS NOT NULL THEN

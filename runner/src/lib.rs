@@ -144,6 +144,12 @@ struct RunnerSettings {
     /// How often the built-in order processor sweeps; 0 turns it off.
     #[serde(default = "defaults::process_every_ms")]
     process_every_ms: u64,
+    /// Order events delivered here as the cluster's Trigger delivers them, to the processor's
+    /// same handler, so a placed order is confirmed at once. `false` leaves orders PENDING
+    /// until a sweep (with `PROCESS_EVERY_MS=0`, until expiry): what a test of PENDING-only
+    /// behaviour wants. `FULFILMENT_DELAY_MS` holds each one back instead.
+    #[serde(default = "defaults::yes")]
+    local_events: bool,
 }
 
 mod defaults {
@@ -155,6 +161,9 @@ mod defaults {
     }
     pub fn process_every_ms() -> u64 {
         1000
+    }
+    pub fn yes() -> bool {
+        true
     }
 }
 
@@ -216,6 +225,30 @@ pub fn run() -> ExitCode {
     code
 }
 
+/// The processor's event routes on a loopback port of their own, as its cluster-local
+/// service: the sink the API publishes order events to. Returns that sink's URL.
+async fn deliver_events_locally(config: &Config) -> Result<String, String> {
+    let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .await
+        .map_err(|e| format!("a port for local events: {e}"))?;
+    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    let sink = format!("http://{addr}/events");
+    let events = App::new("process-orders-events", process_orders::event_routes())
+        .settings::<process_orders::ProcessorConfig>();
+    // Its own events (confirmed) go to itself, where they are acknowledged: the outbox drains.
+    let state = events.state(Config {
+        k_sink: Some(sink.clone()),
+        ..config.clone()
+    })?;
+    tokio::spawn(runtime::serve(
+        listener,
+        events.router(),
+        state,
+        std::future::pending(),
+    ));
+    Ok(sink)
+}
+
 fn start_private_postgres(settings: &RunnerSettings) -> Result<(PrivatePostgres, String), String> {
     let cluster = PrivatePostgres::new(&settings.tally_data_dir, settings.private_pg_port, "")
         .map_err(|e| e.to_string())?;
@@ -267,6 +300,15 @@ async fn serve(
         }
         Err(code) => return code,
     };
+    if settings.local_events && config.k_sink.is_none() {
+        match deliver_events_locally(&config).await {
+            Ok(sink) => config.k_sink = Some(sink),
+            Err(e) => {
+                eprintln!("tally: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
     let app = app();
     let state = match app.state(config.clone()) {
         Ok(state) => state,
@@ -282,6 +324,7 @@ async fn serve(
             state.pool.clone(),
             processor,
             Arc::new(process_orders::ConfirmAll),
+            state.events.clone(),
             Duration::from_millis(every),
             std::future::pending(),
         ))

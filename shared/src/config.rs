@@ -55,6 +55,9 @@ pub struct Config {
     /// the browser sends them (`https://shop.example.com`); `*` allows any. None by default.
     #[serde(default, deserialize_with = "comma_list")]
     pub cors_allowed_origins: Vec<String>,
+    /// Where order events go (a Knative Broker's URL): Knative's SinkBinding sets `K_SINK`.
+    /// Unset, nothing is published and the outbox keeps its rows for a sweep that can.
+    pub k_sink: Option<String>,
     /// Connections served at once; one more is closed at once rather than queued.
     #[serde(default = "defaults::max_connections")]
     pub max_connections: usize,
@@ -268,6 +271,12 @@ impl Config {
         }
         KeyConfig::from_config(&self)?;
         self.check_jwks()?;
+        if let Some(sink) = &self.k_sink {
+            url::Url::parse(sink)
+                .ok()
+                .filter(|u| matches!(u.scheme(), "http" | "https"))
+                .ok_or_else(|| ConfigError(format!("K_SINK={sink:?} is not an http(s) URL")))?;
+        }
         if let Some(url) = &self.database_url {
             url.parse::<tokio_postgres::Config>()
                 .map_err(|_| ConfigError("DATABASE_URL is not a valid PostgreSQL URL".into()))?;

@@ -19,7 +19,8 @@
 //!   the [`AppState`] handlers get (the pool checkout, where SQL starts).
 //! - [`auth`]: bearer JWT verification, the user a token's subject names (provisioned on
 //!   first sight), and the [`auth::Principal`] a request acts as.
-//!   [`meters`]: Prometheus metrics.
+//!   [`meters`]: Prometheus metrics. [`events`]: order events, from the outbox to `K_SINK` as
+//!   CloudEvents, and read back in either content mode.
 //! - [`http`]: the request and response types, and where a request is parsed (JSON bodies,
 //!   path ids, query strings) into 4xx on bad input. [`db`]: the lazily connected pool.
 //!   [`jwks`]: an identity provider's keys, fetched by `kid`, cached, refreshed at a bounded rate.
@@ -41,6 +42,7 @@ pub mod config;
 pub mod db;
 pub mod encode;
 pub mod error;
+pub mod events;
 pub mod http;
 pub mod idempotency;
 pub mod jwks;

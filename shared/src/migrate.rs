@@ -160,6 +160,12 @@ const CONCURRENT_INDEXES: &[(&str, &str, &str)] = &[
         "UNIQUE INDEX",
         "ON users (external_id)",
     ),
+    // V10: the outbox trigger's one question of the ledger, only when an order FAILs.
+    (
+        "inventory_movements_expiry_idx",
+        "INDEX",
+        "ON inventory_movements (order_id) WHERE reason = 'expiry'",
+    ),
 ];
 
 /// Indexes dropped (`DROP INDEX CONCURRENTLY`) once every index above is valid, each made

@@ -30,6 +30,8 @@ pub struct AppState {
     pub config: Arc<Config>,
     /// None only where no key is configured; then every authenticated route answers 401.
     pub verifier: Option<Arc<Verifier>>,
+    /// Where order events are published (`K_SINK`), if anywhere.
+    pub events: crate::events::Publisher,
     /// A function's own settings, read at start (see `App::settings`).
     extensions: Arc<http::Extensions>,
 }
@@ -44,6 +46,7 @@ impl AppState {
         let verifier = Verifier::from_config(&config)?.map(Arc::new);
         Ok(Self {
             pool,
+            events: crate::events::Publisher::from_config(&config),
             config: Arc::new(config),
             verifier,
             extensions: Arc::default(),

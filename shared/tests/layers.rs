@@ -15,7 +15,7 @@ const LAYERS: &[&[&str]] = &[
     &["idempotency"],
     &["service", "sql"],
     &["router"],
-    &["auth", "meters"],
+    &["auth", "meters", "events"],
     &["http", "db", "jwks"],
     &["config", "error", "migrate", "catalog", "telemetry"],
     &["pg", "encode", "roles"],

@@ -120,6 +120,11 @@ pub async fn cancel_order(request: Request, state: AppState) -> HandlerResult {
         |rows| cancelled(id, &rows),
     )
     .await?;
+    if !answer.replayed {
+        state
+            .events
+            .spawn_deliver(&state.pool, id, tally_shared::events::CANCELLED);
+    }
     Ok(answer.into_response())
 }
 

@@ -201,6 +201,7 @@ async fn place_one(
             gate::learn(product_id, row.get(4));
             count(Outcome::Created);
             let placed = Placed::one(row, order);
+            announce(state, placed.order_id);
             Ok(Some(created(placed.order_id, placed.to_json()?, false)))
         }
         Err(e) if e.code().is_some_and(|c| HANDED_BACK.contains(&c.code())) => {
@@ -219,6 +220,7 @@ async fn place_lean(state: &AppState, order: &OrderRequest) -> HandlerResult {
     match outcome {
         Outcome::Created => {
             let body = Placed::from_row(&row, order.user_id)?.to_json()?;
+            announce(state, row.get(1));
             Ok(created(row.get(1), body, false))
         }
         refused => Err(OrderError::from_outcome(refused, row.get(7))),
@@ -242,6 +244,9 @@ async fn place_keyed(
     count(outcome);
     match outcome {
         Outcome::Created | Outcome::Replayed => {
+            if outcome == Outcome::Created {
+                announce(state, row.get(1));
+            }
             let body: Option<String> = row.get(2);
             Ok(created(
                 row.get(1),
@@ -251,6 +256,14 @@ async fn place_keyed(
         }
         refused => Err(OrderError::from_outcome(refused, row.get(2))),
     }
+}
+
+/// Publishes the new order's `placed` event (its outbox row, written by the trigger in the
+/// order's transaction) after the response, never before it: the 201 does not wait.
+fn announce(state: &AppState, order_id: i64) {
+    state
+        .events
+        .spawn_deliver(&state.pool, order_id, tally_shared::events::PLACED);
 }
 
 /// 201 with the order's `Location`, and `Idempotent-Replayed` on a replay.

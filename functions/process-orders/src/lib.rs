@@ -7,6 +7,10 @@
 //!    or was cut off, the claim left to run out);
 //! 4. deletes idempotency keys older than `IDEMPOTENCY_RETENTION_SECS`.
 //!
+//! Then it publishes the outbox rows left behind (`events`). Between sweeps, an order's
+//! `placed` event (from a Knative Trigger, or the local runner) runs that one order's step at
+//! once, with the same claim, so an event and a sweep never both run it.
+//!
 //! Many processors may run at once: a claimed order is invisible to the others until its lease
 //! runs out, and every status change is guarded by the status it expects.
 
@@ -21,6 +25,7 @@ use futures_util::FutureExt;
 use http::{Method, StatusCode};
 use metrics::counter;
 use serde::{Deserialize, Serialize};
+use tally_shared::events::{self, AttributesReader, Publisher};
 use tally_shared::http::json_response;
 use tally_shared::router::HandlerResult;
 use tally_shared::{ApiError, AppState, Pool, Request, Route, app, auth, meters, outcomes, sql};
@@ -41,6 +46,12 @@ pub struct ProcessorConfig {
     /// A step that panics or outlives its lease this many times fails its order (a poison
     /// order would otherwise be claimed, and crash or time out, on every sweep until it expires).
     pub process_max_attempts: i32,
+    /// An order's `placed` event waits this long before its step runs (locally, so a developer
+    /// can try cancelling a PENDING order; 0 in production).
+    pub fulfilment_delay_ms: u64,
+    /// How long an outbox row is left to the function that wrote it before the sweep publishes
+    /// it (placed and cancelled events; the processor's own go out at once).
+    pub outbox_grace_secs: f64,
 }
 
 /// The settings as written, before [`ProcessorConfig`] checks them.
@@ -56,6 +67,10 @@ struct RawProcessorConfig {
     idempotency_retention_secs: f64,
     #[serde(default = "defaults::max_attempts")]
     process_max_attempts: i32,
+    #[serde(default)]
+    fulfilment_delay_ms: u64,
+    #[serde(default = "defaults::outbox_grace_secs")]
+    outbox_grace_secs: f64,
 }
 
 impl TryFrom<RawProcessorConfig> for ProcessorConfig {
@@ -65,6 +80,7 @@ impl TryFrom<RawProcessorConfig> for ProcessorConfig {
         let seconds = [
             ("ORDER_TTL_SECS", raw.order_ttl_secs, 1.0),
             ("CLAIM_LEASE_SECS", raw.claim_lease_secs, 0.1),
+            ("OUTBOX_GRACE_SECS", raw.outbox_grace_secs, 0.0),
             // A key must outlive any client's retries, or a retried order is placed twice.
             (
                 "IDEMPOTENCY_RETENTION_SECS",
@@ -86,6 +102,12 @@ impl TryFrom<RawProcessorConfig> for ProcessorConfig {
                 raw.process_batch_size
             ));
         }
+        if raw.fulfilment_delay_ms > 3_600_000 {
+            return Err(format!(
+                "FULFILMENT_DELAY_MS={} must be at most an hour",
+                raw.fulfilment_delay_ms
+            ));
+        }
         if !(1..=1_000).contains(&raw.process_max_attempts) {
             return Err(format!(
                 "PROCESS_MAX_ATTEMPTS={} must be between 1 and 1000",
@@ -98,6 +120,8 @@ impl TryFrom<RawProcessorConfig> for ProcessorConfig {
             process_batch_size: raw.process_batch_size,
             idempotency_retention_secs: raw.idempotency_retention_secs,
             process_max_attempts: raw.process_max_attempts,
+            fulfilment_delay_ms: raw.fulfilment_delay_ms,
+            outbox_grace_secs: raw.outbox_grace_secs,
         })
     }
 }
@@ -115,6 +139,9 @@ mod defaults {
     pub fn retention_secs() -> f64 {
         24.0 * 3600.0
     }
+    pub fn outbox_grace_secs() -> f64 {
+        10.0
+    }
     pub fn max_attempts() -> i32 {
         5
     }
@@ -128,6 +155,8 @@ impl Default for ProcessorConfig {
             process_batch_size: defaults::batch_size(),
             idempotency_retention_secs: defaults::retention_secs(),
             process_max_attempts: defaults::max_attempts(),
+            fulfilment_delay_ms: 0,
+            outbox_grace_secs: defaults::outbox_grace_secs(),
         }
     }
 }
@@ -497,6 +526,7 @@ pub async fn run_every(
     pool: Pool,
     config: ProcessorConfig,
     step: Arc<dyn FulfilmentStep>,
+    events: Publisher,
     every: Duration,
     shutdown: impl Future<Output = ()>,
 ) {
@@ -508,7 +538,11 @@ pub async fn run_every(
             () = &mut shutdown => break,
             _ = ticks.tick() => {}
         }
-        match sweep(&pool, &config, step.as_ref()).await {
+        let swept = sweep(&pool, &config, step.as_ref()).await;
+        if let Err(e) = publish_outbox(&pool, &config, &events).await {
+            tracing::warn!(error = e.code(), "publishing the outbox failed");
+        }
+        match swept {
             Ok(summary) if summary.is_idle() => {}
             Ok(summary) => tracing::info!(?summary, "sweep"),
             Err(e) => tracing::warn!(
@@ -520,21 +554,129 @@ pub async fn run_every(
     }
 }
 
-/// POST / runs one sweep and answers its summary (for a Knative PingSource or a CronJob).
-/// It needs an admin token, like every endpoint that changes state.
+/// The outbox rows left behind: the processor's own events (confirmed, expired, failed) at
+/// once, the others once their writer has had `OUTBOX_GRACE_SECS`.
+async fn publish_outbox(
+    pool: &Pool,
+    config: &ProcessorConfig,
+    events: &Publisher,
+) -> Result<u64, ApiError> {
+    let grace = Duration::from_secs_f64(config.outbox_grace_secs);
+    events::publish_left_behind(pool, events, grace, config.process_batch_size).await
+}
+
+/// POST / runs one sweep and answers its summary (for a CronJob, or an operator). It needs an
+/// admin token, like every endpoint that changes state.
 pub fn routes() -> Vec<Route> {
     vec![Route::new(Method::POST, "/", sweep_once)]
 }
 
 async fn sweep_once(request: Request, state: AppState) -> HandlerResult {
     auth::principal(&request)?.require_admin()?;
-    let summary = sweep(
-        &state.pool,
-        state.extension::<ProcessorConfig>()?,
-        &ConfirmAll,
-    )
-    .await?;
+    let config = state.extension::<ProcessorConfig>()?;
+    let summary = sweep(&state.pool, config, &ConfirmAll).await?;
+    publish_outbox(&state.pool, config, &state.events).await?;
     json_response(StatusCode::OK, &summary)
+}
+
+/// The routes events arrive on, from a Knative Trigger (and the local runner's delivery) and a
+/// PingSource. No token: events carry none. So they are mounted only on the processor's own,
+/// cluster-local service, whose NetworkPolicy admits the broker, the ping source and the
+/// activator alone (README, "Events"); the runner does not put them on its public port.
+/// - `POST /events`: `dev.tally.order.placed` runs that one order's step;
+///   `dev.knative.sources.ping` runs a sweep; any other type is acknowledged and ignored.
+/// - `POST /dead-letter`: the Trigger's `deadLetterSink`, for what could not be delivered.
+pub fn event_routes() -> Vec<Route> {
+    vec![
+        Route::public(Method::POST, "/events", on_event),
+        Route::public(Method::POST, "/dead-letter", on_dead_letter),
+    ]
+}
+
+const CLAIM_ONE_SQL: &str = "UPDATE orders o \
+     SET claimed_until = now() + make_interval(secs => $2), attempts = o.attempts + 1 \
+     WHERE o.id = $1 AND o.status = 'PENDING' \
+       AND o.created_at >= now() - make_interval(secs => $3) \
+       AND (o.claimed_until IS NULL OR o.claimed_until < now()) \
+     RETURNING o.id, o.user_id, o.total_cents, o.attempts";
+
+async fn on_event(request: Request, state: AppState) -> HandlerResult {
+    let event = events::read_event(&request)?;
+    let config = state.extension::<ProcessorConfig>()?;
+    let answer = match event.ty() {
+        events::PLACED => {
+            let order_id = events::order_of(&event).ok_or_else(|| {
+                ApiError::InvalidRequest("an order event names its order in subject".into())
+            })?;
+            let summary = handle_placed(&state.pool, config, &ConfirmAll, order_id).await?;
+            serde_json::to_value(summary)
+        }
+        events::PING => serde_json::to_value(sweep(&state.pool, config, &ConfirmAll).await?),
+        _ => Ok(serde_json::json!({ "ignored": event.ty() })),
+    }
+    .map_err(|e| ApiError::Internal(e.to_string()))?;
+    publish_outbox(&state.pool, config, &state.events).await?;
+    json_response(StatusCode::OK, &answer)
+}
+
+/// One order's `placed` event: claim it (only while PENDING and nobody holds it, so a
+/// redelivered or duplicated event finds nothing to do), run its step, record the outcome.
+pub async fn handle_placed(
+    pool: &Pool,
+    config: &ProcessorConfig,
+    step: &dyn FulfilmentStep,
+    order_id: i64,
+) -> Result<SweepSummary, ApiError> {
+    if config.fulfilment_delay_ms > 0 {
+        tokio::time::sleep(Duration::from_millis(config.fulfilment_delay_ms)).await;
+    }
+    let mut summary = SweepSummary::default();
+    let params: [(&(dyn tokio_postgres::types::ToSql + Sync), Type); 3] = [
+        (&order_id, Type::INT8),
+        (&config.claim_lease_secs, Type::FLOAT8),
+        (&config.order_ttl_secs, Type::FLOAT8),
+    ];
+    let conn = meters::checkout(pool).await?;
+    let claimed = meters::timed("claim_order", conn.query_typed(CLAIM_ONE_SQL, &params)).await?;
+    let claimed_at = Instant::now();
+    let Some(row) = claimed.first() else {
+        counter!("tally_processor_events_total", "outcome" => "nothing_to_do").increment(1);
+        return Ok(summary);
+    };
+    let order = ClaimedOrder {
+        id: row.get(0),
+        user_id: row.get(1),
+        total_cents: row.get(2),
+        attempts: row.get(3),
+    };
+    drop(conn);
+    summary.claimed = 1;
+    let deadline = claimed_at + Duration::from_secs_f64(config.claim_lease_secs * 0.9);
+    let remaining = deadline.saturating_duration_since(Instant::now());
+    let decision = run_step(step, &order, remaining, config).await;
+    let conn = meters::checkout(pool).await?;
+    record(&conn, &order, decision, &mut summary).await?;
+    counter!("tally_processor_events_total", "outcome" => "handled").increment(1);
+    Ok(summary)
+}
+
+async fn on_dead_letter(request: Request, _state: AppState) -> HandlerResult {
+    let event = events::read_event(&request)?;
+    let kind = match event.ty() {
+        events::PLACED => "placed",
+        events::PING => "ping",
+        _ => "other",
+    };
+    counter!("tally_events_dead_lettered_total", "type" => kind).increment(1);
+    tracing::error!(
+        id = event.id(),
+        event_type = event.ty(),
+        "an event could not be delivered after every retry: its order is swept instead"
+    );
+    json_response(
+        StatusCode::OK,
+        &serde_json::json!({ "dead_lettered": event.id() }),
+    )
 }
 
 /// The binary's entry point: `--every DURATION` runs the loop, no arguments serves HTTP.
@@ -553,7 +695,9 @@ pub fn main(mut args: impl Iterator<Item = String>) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let app = app::App::new("process-orders", routes()).settings::<ProcessorConfig>();
+    let mut all = routes();
+    all.extend(event_routes());
+    let app = app::App::new("process-orders", all).settings::<ProcessorConfig>();
     match every {
         None => app.run(),
         Some(every) => app.run_worker(move |state| async move {
@@ -565,6 +709,7 @@ pub fn main(mut args: impl Iterator<Item = String>) -> ExitCode {
                 state.pool,
                 processor,
                 Arc::new(ConfirmAll),
+                state.events,
                 every,
                 app::shutdown_signal(),
             )

@@ -221,7 +221,7 @@ async fn a_restore_brings_back_every_table_exactly_as_backed_up() {
 
     let report = dump::backup(&app.db_url, &s3.config()).await.unwrap();
     assert_eq!(report.manifest.row_counts["public.orders"], 2);
-    assert_eq!(report.manifest.migration_version, Some(9));
+    assert_eq!(report.manifest.migration_version, Some(10));
     assert_eq!(report.manifest.sha256.len(), 64);
 
     // Change and delete data after the backup.
@@ -561,7 +561,7 @@ async fn the_drill_backs_up_restores_verifies_and_drops_its_scratch_database() {
     assert_eq!(code, 0, "{stderr}");
     let report: serde_json::Value = serde_json::from_str(&stdout).unwrap();
     let scratch = report["scratch_database"].as_str().unwrap();
-    assert_eq!(report["restore"]["tables_checked"], 8);
+    assert_eq!(report["restore"]["tables_checked"], 9);
     assert_eq!(
         app.count(&format!(
             "SELECT count(*) FROM pg_database WHERE datname = '{scratch}'"

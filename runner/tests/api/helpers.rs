@@ -785,6 +785,8 @@ pub fn runner_command(db_url: &str, port: u16) -> tokio::process::Command {
         .env("LOG_LEVEL", "error")
         .envs(jwt_env())
         .env("PROCESS_EVERY_MS", "0")
+        // Orders stay PENDING unless a test asks for events (events.rs does).
+        .env("LOCAL_EVENTS", "false")
         .stdout(std::process::Stdio::null())
         .kill_on_drop(true);
     command

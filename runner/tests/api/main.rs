@@ -9,6 +9,7 @@ mod conditional;
 mod connections;
 mod cors;
 mod deploy;
+mod events;
 mod faults;
 mod helpers;
 mod identity;

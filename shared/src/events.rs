@@ -1,0 +1,215 @@
+//! Order events: the outbox's rows (V10) as CloudEvents. A row is written by a trigger in the
+//! transaction that changes the order; after commit, the function that changed it publishes it
+//! to `K_SINK` (binary content mode) and deletes it, off the request's path; what is left
+//! behind is published by the processor's sweep ([`publish_left_behind`]). An event's id is
+//! `<order id>:<type>`, the same on every attempt, so a subscriber can tell a redelivery.
+
+use std::time::Duration;
+
+use cloudevents::binding::reqwest::RequestBuilderExt;
+pub use cloudevents::{AttributesReader, Event};
+use cloudevents::{EventBuilder, EventBuilderV10};
+use metrics::counter;
+use tokio_postgres::types::Type;
+
+use crate::config::Config;
+use crate::db::Pool;
+use crate::error::ApiError;
+use crate::http::Request;
+
+pub const PLACED: &str = "dev.tally.order.placed";
+pub const CONFIRMED: &str = "dev.tally.order.confirmed";
+pub const CANCELLED: &str = "dev.tally.order.cancelled";
+pub const EXPIRED: &str = "dev.tally.order.expired";
+pub const FAILED: &str = "dev.tally.order.failed";
+/// What a Knative PingSource sends: the processor sweeps.
+pub const PING: &str = "dev.knative.sources.ping";
+
+const SOURCE: &str = "/tally/orders";
+const PUBLISH_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The order event `event_type` of order `order_id`.
+pub fn order_event(order_id: i64, event_type: &str) -> Result<Event, String> {
+    EventBuilderV10::new()
+        .id(format!("{order_id}:{event_type}"))
+        .ty(event_type)
+        .source(SOURCE)
+        .subject(order_id.to_string())
+        .data(
+            "application/json",
+            serde_json::json!({ "order_id": order_id }),
+        )
+        .build()
+        .map_err(|e| e.to_string())
+}
+
+/// The order an order event is about: its `subject`, or `order_id` in its data.
+pub fn order_of(event: &Event) -> Option<i64> {
+    let from_subject = event.subject().and_then(|s| s.parse().ok());
+    from_subject
+        .or_else(|| match event.data() {
+            Some(cloudevents::Data::Json(v)) => v.get("order_id")?.as_i64(),
+            Some(cloudevents::Data::String(s)) => serde_json::from_str::<serde_json::Value>(s)
+                .ok()?
+                .get("order_id")?
+                .as_i64(),
+            Some(cloudevents::Data::Binary(b)) => serde_json::from_slice::<serde_json::Value>(b)
+                .ok()?
+                .get("order_id")?
+                .as_i64(),
+            None => None,
+        })
+        .filter(|id| *id > 0)
+}
+
+/// A CloudEvent as it arrives over HTTP, in either content mode: binary (`ce-*` headers and
+/// the data as the body) or structured (`application/cloudevents+json`). Anything else is 400.
+pub fn read_event(request: &Request) -> Result<Event, ApiError> {
+    cloudevents::binding::http::to_event(request.headers(), request.body().to_vec())
+        .map_err(|e| ApiError::InvalidRequest(format!("not a CloudEvent: {e}")))
+}
+
+/// Publishes order events to `K_SINK`, when there is one.
+#[derive(Clone)]
+pub struct Publisher {
+    sink: Option<url::Url>,
+    client: reqwest::Client,
+}
+
+impl Publisher {
+    pub fn from_config(config: &Config) -> Self {
+        Self {
+            sink: config
+                .k_sink
+                .as_deref()
+                .and_then(|s| url::Url::parse(s).ok()),
+            client: reqwest::Client::builder()
+                .timeout(PUBLISH_TIMEOUT)
+                .build()
+                .unwrap_or_default(),
+        }
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.sink.is_some()
+    }
+
+    /// POSTs one event; Ok once the sink took it (2xx).
+    pub async fn publish(&self, order_id: i64, event_type: &str) -> Result<(), String> {
+        let sink = self.sink.as_ref().ok_or("no K_SINK")?;
+        let event = order_event(order_id, event_type)?;
+        let response = self
+            .client
+            .post(sink.clone())
+            .event(event)
+            .map_err(|e| e.to_string())?
+            .send()
+            .await
+            .map_err(|e| e.to_string())?;
+        if response.status().is_success() {
+            Ok(())
+        } else {
+            Err(format!("the sink answered {}", response.status()))
+        }
+    }
+
+    /// Publishes one outbox row and deletes it once the sink has it. A failure leaves the
+    /// row for the sweep; it is counted and logged, never the caller's error.
+    pub async fn deliver(&self, pool: &Pool, order_id: i64, event_type: &str) {
+        if !self.enabled() {
+            return;
+        }
+        let outcome = match self.publish(order_id, event_type).await {
+            Ok(()) => forget(pool, order_id, event_type).await,
+            Err(e) => Err(e),
+        };
+        match outcome {
+            Ok(()) => {
+                counter!("tally_events_published_total", "type" => short(event_type)).increment(1)
+            }
+            Err(e) => {
+                counter!("tally_events_publish_failures_total").increment(1);
+                tracing::warn!(order_id, event_type, error = %e, "event not published: the sweep will");
+            }
+        }
+    }
+
+    /// [`Self::deliver`] on a task of its own: the caller's response does not wait for it.
+    pub fn spawn_deliver(&self, pool: &Pool, order_id: i64, event_type: &'static str) {
+        if !self.enabled() {
+            return;
+        }
+        let (publisher, pool) = (self.clone(), pool.clone());
+        tokio::spawn(async move { publisher.deliver(&pool, order_id, event_type).await });
+    }
+}
+
+/// The label an event type gets on the metrics: its last word, from a closed set.
+fn short(event_type: &str) -> &'static str {
+    match event_type {
+        PLACED => "placed",
+        CONFIRMED => "confirmed",
+        CANCELLED => "cancelled",
+        EXPIRED => "expired",
+        _ => "failed",
+    }
+}
+
+async fn forget(pool: &Pool, order_id: i64, event_type: &str) -> Result<(), String> {
+    let conn = pool.get().await.map_err(|e| e.to_string())?;
+    let params: [(&(dyn tokio_postgres::types::ToSql + Sync), Type); 2] =
+        [(&order_id, Type::INT8), (&event_type, Type::TEXT)];
+    conn.execute_typed(
+        "DELETE FROM outbox WHERE order_id = $1 AND event_type = $2",
+        &params,
+    )
+    .await
+    .map(|_| ())
+    .map_err(|e| e.to_string())
+}
+
+/// Publishes up to `limit` outbox rows, oldest first, deleting each once the sink has it:
+/// placed and cancelled ones once they are older than `grace` (the function that wrote them
+/// publishes them itself, and had that long), the processor's own (confirmed, expired,
+/// failed) at once, since the processor is their publisher. Returns how many went out; stops at the
+/// first failure (the sink is likely down; the rest wait for the next sweep).
+pub async fn publish_left_behind(
+    pool: &Pool,
+    publisher: &Publisher,
+    grace: Duration,
+    limit: i64,
+) -> Result<u64, ApiError> {
+    if !publisher.enabled() {
+        return Ok(0);
+    }
+    let grace_secs = grace.as_secs_f64();
+    let params: [(&(dyn tokio_postgres::types::ToSql + Sync), Type); 2] =
+        [(&grace_secs, Type::FLOAT8), (&limit, Type::INT8)];
+    let rows = {
+        let conn = pool.get().await?;
+        conn.query_typed(
+            "SELECT order_id, event_type FROM outbox \
+             WHERE created_at < now() - make_interval(secs => CASE \
+                 WHEN event_type IN ('dev.tally.order.placed', 'dev.tally.order.cancelled') \
+                 THEN $1 ELSE 0 END) \
+             ORDER BY created_at LIMIT $2",
+            &params,
+        )
+        .await?
+    };
+    let mut published = 0;
+    for row in rows {
+        let (order_id, event_type): (i64, String) = (row.get(0), row.get(1));
+        if let Err(e) = publisher.publish(order_id, &event_type).await {
+            counter!("tally_events_publish_failures_total").increment(1);
+            tracing::warn!(order_id, event_type, error = %e, "the sweep could not publish: later");
+            break;
+        }
+        forget(pool, order_id, &event_type)
+            .await
+            .map_err(ApiError::Internal)?;
+        counter!("tally_events_published_total", "type" => short(&event_type)).increment(1);
+        published += 1;
+    }
+    Ok(published)
+}
