@@ -27,6 +27,9 @@ SCHEMAS = {
     ("gateway.networking.k8s.io/v1", "Gateway"): "gateway-gateway-v1.json",
     ("gateway.networking.k8s.io/v1", "HTTPRoute"): "httproute-gateway-v1.json",
     ("gateway.networking.k8s.io/v1beta1", "ReferenceGrant"): "referencegrant-gateway-v1beta1.json",
+    ("eventing.knative.dev/v1", "Broker"): "broker-eventing-v1.json",
+    ("eventing.knative.dev/v1", "Trigger"): "trigger-eventing-v1.json",
+    ("sources.knative.dev/v1", "SinkBinding"): "sinkbinding-sources-v1.json",
     ("cert-manager.io/v1", "Certificate"): "certificate-cert-manager-v1.json",
     ("cert-manager.io/v1", "ClusterIssuer"): "clusterissuer-cert-manager-v1.json",
     ("monitoring.coreos.com/v1", "PrometheusRule"): "prometheusrule-monitoring-v1.json",
@@ -47,9 +50,31 @@ def render(overlay):
     return [d for d in yaml.safe_load_all(out) if d]
 
 
+def close_objects(schema):
+    """additionalProperties: false on every object schema under `schema` that lists properties
+    and leaves the rest open (as the API server's strict field validation would)."""
+    if isinstance(schema, dict):
+        if ("properties" in schema and "additionalProperties" not in schema
+                and not schema.get("x-kubernetes-preserve-unknown-fields")):
+            schema["additionalProperties"] = False
+        for value in schema.values():
+            close_objects(value)
+    elif isinstance(schema, list):
+        for value in schema:
+            close_objects(value)
+    return schema
+
+
 def schema_for(doc):
     name = SCHEMAS.get((doc.get("apiVersion"), doc.get("kind")))
-    return json.loads((HERE / "schemas" / name).read_text()) if name else None
+    if not name:
+        return None
+    schema = json.loads((HERE / "schemas" / name).read_text())
+    if doc.get("kind") == "Trigger":
+        # Upstream leaves a Trigger's spec and spec.delivery open, so a misspelled retry,
+        # backoffPolicy or deadLetterSink would pass: closed here.
+        close_objects(schema["properties"]["spec"])
+    return schema
 
 
 def problems_of(doc):
@@ -289,6 +314,34 @@ def mutations(docs):
         pdb["spec"]["maxUnavailabl"] = pdb["spec"].pop("maxUnavailable")
         return ds
 
+    def trigger_delivery_typo(ds):
+        delivery = find(ds, "Trigger", "order-placed")[0]["spec"]["delivery"]
+        delivery["retries"] = delivery.pop("retry")
+        return ds
+
+    def trigger_backoff_typo(ds):
+        delivery = find(ds, "Trigger", "order-placed")[0]["spec"]["delivery"]
+        delivery["backOffPolicy"] = delivery.pop("backoffPolicy")
+        return ds
+
+    def trigger_dead_letter_typo(ds):
+        delivery = find(ds, "Trigger", "order-placed")[0]["spec"]["delivery"]
+        delivery["deadLetterSinks"] = delivery.pop("deadLetterSink")
+        return ds
+
+    def trigger_spec_typo(ds):
+        spec = find(ds, "Trigger", "order-placed")[0]["spec"]
+        spec["filters_"] = spec.pop("filter")
+        return ds
+
+    def sinkbinding_typo(ds):
+        find(ds, "SinkBinding")[0]["spec"]["subject"]["selectr"] = {}
+        return ds
+
+    def broker_typo(ds):
+        find(ds, "Broker")[0]["spec"] = {"confg": {}}
+        return ds
+
     def httproute_typo(ds):
         route = find(ds, "HTTPRoute", "tally-api-create-order")
         if route:
@@ -317,7 +370,9 @@ def mutations(docs):
                         cronjob_typo, pingsource_typo, key_in_public_function,
                         owner_role_in_a_function, metrics_on_a_queue_proxy_port, over_budget,
                         traffic_pinned, probe_on_the_database, pdb_typo, httproute_typo,
-                        certificate_typo, gateway_listener_typo, referencegrant_typo)]
+                        certificate_typo, gateway_listener_typo, referencegrant_typo,
+                        trigger_delivery_typo, trigger_backoff_typo, trigger_dead_letter_typo,
+                        trigger_spec_typo, sinkbinding_typo, broker_typo)]
 
 
 def rollout_steps_hold(docs):
