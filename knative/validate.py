@@ -342,6 +342,16 @@ def mutations(docs):
         find(ds, "Broker")[0]["spec"] = {"confg": {}}
         return ds
 
+    def prometheusrule_typo(ds):
+        rule = find(ds, "PrometheusRule", "tally-alerts")[0]["spec"]["groups"][0]["rules"][0]
+        rule["fore"] = rule.pop("for")
+        return ds
+
+    def podmonitor_typo(ds):
+        endpoint = find(ds, "PodMonitor", "tally-functions")[0]["spec"]["podMetricsEndpoints"][0]
+        endpoint["portNumbr"] = endpoint.pop("portNumber")
+        return ds
+
     def httproute_typo(ds):
         route = find(ds, "HTTPRoute", "tally-api-create-order")
         if route:
@@ -372,7 +382,20 @@ def mutations(docs):
                         traffic_pinned, probe_on_the_database, pdb_typo, httproute_typo,
                         certificate_typo, gateway_listener_typo, referencegrant_typo,
                         trigger_delivery_typo, trigger_backoff_typo, trigger_dead_letter_typo,
-                        trigger_spec_typo, sinkbinding_typo, broker_typo)]
+                        trigger_spec_typo, sinkbinding_typo, broker_typo, prometheusrule_typo,
+                        podmonitor_typo)]
+
+
+def alerts_match(docs):
+    """The PrometheusRule deploys exactly knative/alerts/rules.yml, the file promtool checks."""
+    rules = yaml.safe_load((HERE / "alerts" / "rules.yml").read_text())
+    (deployed,) = find(docs, "PrometheusRule", "tally-alerts")
+    if deployed["spec"] != rules:
+        print("FAIL PrometheusRule tally-alerts differs from knative/alerts/rules.yml")
+        return False
+    names = [r["alert"] for g in rules["groups"] for r in g["rules"]]
+    print(f"ok   PrometheusRule tally-alerts: {len(names)} alerts, as knative/alerts/rules.yml")
+    return True
 
 
 def rollout_steps_hold(docs):
@@ -436,6 +459,7 @@ def main():
                     failed = True
                     print(f"FAIL the checks accepted a broken manifest: {mutate.__name__}")
     failed |= not rollout_steps_hold(render(OVERLAYS[-1]))
+    failed |= not alerts_match(render(OVERLAYS[-1]))
     secrets = [d for d in yaml.safe_load_all((HERE / "secrets.template.yaml").read_text()) if d]
     secret_errors = [p for d in secrets for p in problems_of(d)]
     if secret_errors or any(v != "REPLACE_ME" and "REPLACE_ME" not in v and k.endswith(("PASSWORD", "SECRET", "SECRET_KEY", "KEY_ID"))

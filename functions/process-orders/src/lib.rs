@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use futures_util::FutureExt;
 
 use http::{Method, StatusCode};
-use metrics::counter;
+use metrics::{counter, gauge};
 use serde::{Deserialize, Serialize};
 use tally_shared::events::{self, AttributesReader, Publisher};
 use tally_shared::http::json_response;
@@ -249,6 +249,13 @@ pub async fn sweep(
     config: &ProcessorConfig,
     step: &dyn FulfilmentStep,
 ) -> Result<SweepSummary, ApiError> {
+    // Counters the alerts name exist from the first sweep on, at 0, so a rule can tell "none"
+    // from "not scraped".
+    for step_outcome in ["confirmed", "failed"] {
+        counter!("tally_processor_lost_claims_total", "step_outcome" => step_outcome).increment(0);
+    }
+    counter!("tally_events_dead_lettered_total", "type" => "placed").increment(0);
+    counter!("tally_events_published_total", "type" => "confirmed").increment(0);
     let mut summary = SweepSummary::default();
     let result = sweep_into(pool, config, step, &mut summary).await;
     // What was recorded before an error is counted too: it happened.
@@ -314,8 +321,18 @@ async fn sweep_into(
     let conn = meters::checkout(pool).await?;
     let forget = conn.execute_typed(FORGET_KEYS_SQL, &params);
     summary.keys_deleted = meters::timed("forget_keys", forget).await?;
+    let oldest = meters::timed("oldest_pending", conn.query_typed(OLDEST_PENDING_SQL, &[])).await?;
+    // The alert on a stuck order reads this (and fires on its absence: a processor that has
+    // stopped sweeping reports nothing at all).
+    gauge!("tally_oldest_pending_order_age_seconds")
+        .set(oldest.first().map_or(0.0, |row| row.get::<_, f64>(0)));
     Ok(())
 }
+
+/// How long the oldest PENDING order has waited (0 when there is none), from the partial index
+/// of PENDING orders.
+const OLDEST_PENDING_SQL: &str = "SELECT coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8 \
+     FROM orders WHERE status = 'PENDING'";
 
 /// What became of one claimed order's step.
 enum Decision {

@@ -759,3 +759,125 @@ fn command_lines_answer_help_and_version_and_refuse_what_they_do_not_know() {
         );
     }
 }
+
+/// Metric names Knative and Kubernetes publish, as their documentation lists them: Knative
+/// Serving's autoscaler, activator and queue-proxy metrics (knative.dev/docs, "Serving
+/// metrics"), kube-state-metrics' CronJob metrics and the kubelet's volume statistics.
+const PLATFORM_METRICS: &[&str] = &[
+    "autoscaler_desired_pods",
+    "autoscaler_requested_pods",
+    "autoscaler_actual_pods",
+    "autoscaler_not_ready_pods",
+    "autoscaler_pending_pods",
+    "autoscaler_terminating_pods",
+    "autoscaler_stable_request_concurrency",
+    "autoscaler_panic_request_concurrency",
+    "autoscaler_target_concurrency_per_pod",
+    "autoscaler_excess_burst_capacity",
+    "autoscaler_panic_mode",
+    "activator_request_concurrency",
+    "activator_request_count",
+    "activator_request_latencies",
+    "revision_request_count",
+    "revision_request_latencies",
+    "revision_app_request_count",
+    "revision_app_request_latencies",
+    "revision_queue_depth",
+    "kube_cronjob_status_last_successful_time",
+    "kubelet_volume_stats_used_bytes",
+    "kubelet_volume_stats_capacity_bytes",
+];
+
+/// The metric names a PromQL text reads: every identifier followed by `{`, `[` or a space and
+/// an operator, less PromQL's own words. Good enough for our rules and panels, which always
+/// select their metrics with braces.
+fn metric_names(promql: &str) -> Vec<String> {
+    let re = regex::Regex::new(r"([a-zA-Z_:][a-zA-Z0-9_:]*)\{").unwrap();
+    re.captures_iter(promql)
+        .map(|c| c[1].to_owned())
+        // A histogram's buckets are published under its documented name.
+        .map(|name| match name.strip_suffix("_bucket") {
+            Some(histogram) if !name.starts_with("tally_") => histogram.to_owned(),
+            _ => name,
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn every_metric_the_alerts_and_the_dashboard_name_exists() {
+    use serde::Deserialize;
+    let mut named = std::collections::BTreeSet::new();
+    let rules = std::fs::read_to_string(format!("{WORKSPACE}/knative/alerts/rules.yml")).unwrap();
+    let rules =
+        serde_json::Value::deserialize(serde_norway::Deserializer::from_str(&rules)).unwrap();
+    for rule in rules["groups"][0]["rules"].as_array().unwrap() {
+        named.extend(metric_names(rule["expr"].as_str().unwrap()));
+    }
+    let dashboard: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(format!(
+            "{WORKSPACE}/knative/alerts/dashboard-autoscaling.json"
+        ))
+        .unwrap(),
+    )
+    .unwrap();
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().unwrap() {
+            named.extend(metric_names(target["expr"].as_str().unwrap()));
+        }
+    }
+    assert!(named.len() >= 15, "{named:?}");
+    let (ours, theirs): (Vec<_>, Vec<_>) = named.iter().partition(|n| n.starts_with("tally_"));
+    for name in &theirs {
+        assert!(
+            PLATFORM_METRICS.contains(&name.as_str()),
+            "{name}: not a documented metric"
+        );
+    }
+
+    // Ours, from the functions themselves: create-order takes an order and refuses one;
+    // the processor sweeps once (a ping event, as the PingSource sends it).
+    let db_url = fresh_database(admin_url()).await;
+    let client = tally_shared::pg::connect(&db_url).await.unwrap();
+    tally_shared::migrate::seed_if_empty(&client).await.unwrap();
+    let config = crate::helpers::test_config(&db_url, &[]);
+    let token = tally_dev::token::mint(
+        &config,
+        1,
+        tally_shared::auth::Role::Customer,
+        Duration::from_secs(60),
+    )
+    .unwrap();
+    let text = tokio::task::spawn_blocking(move || {
+        let bearer = format!("Bearer {token}");
+        let json = ("content-type", "application/json");
+        let orders = Function::spawn("create-order", &db_url);
+        orders.wait_ready();
+        for (body, status) in [
+            (r#"{"items":[{"product_id":1,"quantity":1}]}"#, 201),
+            (r#"{"items":[{"product_id":3,"quantity":5}]}"#, 409),
+        ] {
+            let sent = orders.send("POST", "/orders", &[json, ("authorization", &bearer)], body);
+            assert_eq!(sent.0, status);
+        }
+        let processor = Function::spawn("process-orders", &db_url);
+        processor.wait_ready();
+        let ping = [
+            ("ce-specversion", "1.0"),
+            ("ce-id", "ping-1"),
+            ("ce-source", "/apis/v1/namespaces/tally/pingsources/p"),
+            ("ce-type", "dev.knative.sources.ping"),
+        ];
+        assert_eq!(processor.send("POST", "/events", &ping, "").0, 200);
+        format!("{}\n{}", orders.scrape().1, processor.scrape().1)
+    })
+    .await
+    .unwrap();
+    for name in ours {
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with(name.as_str())
+                    && l[name.len()..].starts_with(['{', ' ', '_'])),
+            "{name} is not in any function's /metrics"
+        );
+    }
+}
