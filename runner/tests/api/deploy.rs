@@ -484,17 +484,7 @@ fn sample(metrics: &str, name: &str, parts: &[&str]) -> Option<f64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_count_requests_orders_and_rejections_exactly() {
-    let db_url = fresh_database(admin_url()).await;
-    let client = tally_shared::pg::connect(&db_url).await.unwrap();
-    tally_shared::migrate::seed_if_empty(&client).await.unwrap();
-    let config = crate::helpers::test_config(&db_url, &[]);
-    let token = tally_dev::token::mint(
-        &config,
-        1,
-        tally_shared::auth::Role::Customer,
-        Duration::from_secs(60),
-    )
-    .unwrap();
+    let (db_url, token) = seeded_database_and_customer_token().await;
     let text = tokio::task::spawn_blocking(move || {
         let f = Function::spawn("create-order", &db_url);
         f.wait_ready();
@@ -836,17 +826,7 @@ async fn every_metric_the_alerts_and_the_dashboard_name_exists() {
 
     // Ours, from the functions themselves: create-order takes an order and refuses one;
     // the processor sweeps once (a ping event, as the PingSource sends it).
-    let db_url = fresh_database(admin_url()).await;
-    let client = tally_shared::pg::connect(&db_url).await.unwrap();
-    tally_shared::migrate::seed_if_empty(&client).await.unwrap();
-    let config = crate::helpers::test_config(&db_url, &[]);
-    let token = tally_dev::token::mint(
-        &config,
-        1,
-        tally_shared::auth::Role::Customer,
-        Duration::from_secs(60),
-    )
-    .unwrap();
+    let (db_url, token) = seeded_database_and_customer_token().await;
     let text = tokio::task::spawn_blocking(move || {
         let bearer = format!("Bearer {token}");
         let json = ("content-type", "application/json");
@@ -880,4 +860,21 @@ async fn every_metric_the_alerts_and_the_dashboard_name_exists() {
             "{name} is not in any function's /metrics"
         );
     }
+}
+
+/// A fresh database with the demo seed, and a customer token for user 1 that the spawned
+/// function binaries accept.
+async fn seeded_database_and_customer_token() -> (String, String) {
+    let db_url = fresh_database(admin_url()).await;
+    let client = tally_shared::pg::connect(&db_url).await.unwrap();
+    tally_shared::migrate::seed_if_empty(&client).await.unwrap();
+    let config = crate::helpers::test_config(&db_url, &[]);
+    let token = tally_dev::token::mint(
+        &config,
+        1,
+        tally_shared::auth::Role::Customer,
+        Duration::from_secs(60),
+    )
+    .unwrap();
+    (db_url, token)
 }
