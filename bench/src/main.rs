@@ -10,9 +10,11 @@
 //! Options: --duration SECS (API run, 10), --pgbench-duration SECS (per client count, 5),
 //! --rounds N (3), --connections N (32), --pool N (8), --shards N (16), --only SCENARIO (that
 //! one, one round, no ceilings), --server URL (the PostgreSQL server: $BENCH_DATABASE_URL,
-//! $TEST_DATABASE_URL, or postgres://postgres@127.0.0.1:5432/postgres).
+//! $TEST_DATABASE_URL, or postgres://postgres@127.0.0.1:5432/postgres), --outbox-ab (hot SKU and
+//! spread with the outbox off, then with its events published, per round: `outbox.rs`).
 
 mod load;
+mod outbox;
 mod pgbench;
 mod probe;
 mod report;
@@ -52,6 +54,7 @@ struct Options {
     pool: u32,
     shards: i32,
     only: Option<String>,
+    outbox_ab: bool,
 }
 
 fn options() -> Result<Options, String> {
@@ -73,6 +76,7 @@ fn options() -> Result<Options, String> {
         pool: 8,
         shards: 16,
         only: None,
+        outbox_ab: false,
     };
     let secs = |v: String, what: &str| {
         v.parse()
@@ -96,6 +100,7 @@ fn options() -> Result<Options, String> {
             "--pool" => o.pool = value()?.parse().map_err(|_| "--pool N")?,
             "--shards" => o.shards = value()?.parse().map_err(|_| "--shards N")?,
             "--only" => o.only = Some(value()?),
+            "--outbox-ab" => o.outbox_ab = true,
             other => return Err(format!("unknown option {other}")),
         }
     }
@@ -136,6 +141,11 @@ impl Server {
     /// owner's URL and the roles' password: it makes the roles and connects as the app role
     /// itself.
     fn start(binary: &PathBuf, db_url: &str, pool: u32) -> Self {
+        Self::start_with(binary, db_url, pool, &[])
+    }
+
+    /// [`Self::start`] with more environment (`--outbox-ab` sets the event sink).
+    fn start_with(binary: &PathBuf, db_url: &str, pool: u32, env: &[(&str, &str)]) -> Self {
         let port = free_port();
         let is_runner = binary.file_name().is_some_and(|n| n == "tally");
         let url = if is_runner {
@@ -152,6 +162,10 @@ impl Server {
             .env("POOL_SIZE", pool.to_string())
             .env("JWT_HS256_SECRET", SECRET)
             .env("PROCESS_EVERY_MS", "0")
+            // Orders are placed, not confirmed: the runner's own event delivery is off (the
+            // outbox row is still written; --outbox-ab measures publishing it).
+            .env("LOCAL_EVENTS", "false")
+            .envs(env.iter().copied())
             // The access log is part of the cost being measured; BENCH_LOG_LEVEL=warn shows how much.
             .env(
                 "LOG_LEVEL",
@@ -496,7 +510,16 @@ fn summarise(name: &'static str, rounds: Vec<Round>) -> ScenarioReport {
 }
 
 async fn run_round(o: &Options, server: &Server, urls: (&str, &str), s: &Scenario) -> Round {
-    let ceilings = !o.smoke && o.only.is_none();
+    run_round_with(o, server, urls, s, !o.smoke && o.only.is_none()).await
+}
+
+async fn run_round_with(
+    o: &Options,
+    server: &Server,
+    urls: (&str, &str),
+    s: &Scenario,
+    ceilings: bool,
+) -> Round {
     let pgb = |script: &Option<Script>, url: &str, what: &str| {
         let name = format!("{}-{what}", s.name.replace([' ', ','], "_"));
         script.as_ref().filter(|_| ceilings).map(|sc| {
@@ -547,6 +570,9 @@ async fn main() -> ExitCode {
         "bench: database {url}, {} connections, {:?} per run, {} rounds, pool {}, {} shards, {} binaries",
         o.connections, o.duration, o.rounds, o.pool, o.shards, o.profile
     );
+    if o.outbox_ab {
+        return outbox::ab(&o, &runner, (&url, &minimal_url), catalog).await;
+    }
     let server = Server::start(&runner, &url, o.pool);
     let (reports, reads) = measure(&o, &server, (&url, &minimal_url), catalog).await;
     drop(server);

@@ -4,6 +4,7 @@
 //! behind is published by the processor's sweep ([`publish_left_behind`]). An event's id is
 //! `<order id>:<type>`, the same on every attempt, so a subscriber can tell a redelivery.
 
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use cloudevents::binding::reqwest::RequestBuilderExt;
@@ -74,6 +75,83 @@ pub fn read_event(request: &Request) -> Result<Event, ApiError> {
 pub struct Publisher {
     sink: Option<url::Url>,
     client: reqwest::Client,
+    /// Started with the first delivery (a task needs the runtime, and a pool).
+    forgetter: Arc<OnceLock<Forgetter>>,
+}
+
+/// Deletes published outbox rows in batches: one statement, and one commit without waiting for
+/// the WAL flush, per batch instead of a commit per event. Losing a batch to a crash only
+/// means the sweep publishes those events again, which their ids make harmless.
+#[derive(Clone)]
+struct Forgetter {
+    queue: tokio::sync::mpsc::UnboundedSender<(i64, &'static str)>,
+}
+
+/// A batch waits at most this long, or until it holds [`FORGET_BATCH`] rows.
+const FORGET_EVERY: Duration = Duration::from_millis(20);
+const FORGET_BATCH: usize = 1024;
+
+impl Forgetter {
+    fn start(pool: Pool) -> Self {
+        let (queue, mut rows) = tokio::sync::mpsc::unbounded_channel::<(i64, &'static str)>();
+        tokio::spawn(async move {
+            let mut batch = Vec::with_capacity(FORGET_BATCH);
+            while rows.recv_many(&mut batch, FORGET_BATCH).await > 0 {
+                tokio::time::sleep(FORGET_EVERY).await;
+                while batch.len() < FORGET_BATCH
+                    && let Ok(row) = rows.try_recv()
+                {
+                    batch.push(row);
+                }
+                if let Err(e) = forget_all(&pool, &batch).await {
+                    // The rows stay, and the sweep publishes them again: duplicates, not losses.
+                    tracing::warn!(rows = batch.len(), error = %e, "published outbox rows not deleted");
+                }
+                batch.clear();
+            }
+        });
+        Self { queue }
+    }
+
+    fn forget(&self, order_id: i64, event_type: &str) {
+        let _ = self.queue.send((order_id, known_type(event_type)));
+    }
+}
+
+/// One of the outbox's event types as a `'static` (the CHECK constraint's list).
+fn known_type(event_type: &str) -> &'static str {
+    match event_type {
+        PLACED => PLACED,
+        CONFIRMED => CONFIRMED,
+        CANCELLED => CANCELLED,
+        EXPIRED => EXPIRED,
+        _ => FAILED,
+    }
+}
+
+/// Deletes `rows` in one transaction that does not wait for its WAL to reach the disk. The
+/// statement is built from integers and the five known types only, so it is safe to inline
+/// (and one simple-protocol round trip).
+async fn forget_all(pool: &Pool, rows: &[(i64, &'static str)]) -> Result<(), String> {
+    use std::fmt::Write;
+    let mut sql = String::from("BEGIN; SET LOCAL synchronous_commit = off;");
+    for event_type in [PLACED, CONFIRMED, CANCELLED, EXPIRED, FAILED] {
+        let ids: Vec<String> = rows
+            .iter()
+            .filter(|(_, t)| *t == event_type)
+            .map(|(id, _)| id.to_string())
+            .collect();
+        if !ids.is_empty() {
+            let _ = write!(
+                sql,
+                " DELETE FROM outbox WHERE event_type = '{event_type}' AND order_id IN ({});",
+                ids.join(",")
+            );
+        }
+    }
+    sql.push_str(" COMMIT;");
+    let conn = pool.get().await.map_err(|e| e.to_string())?;
+    conn.batch_execute(&sql).await.map_err(|e| e.to_string())
 }
 
 impl Publisher {
@@ -87,7 +165,13 @@ impl Publisher {
                 .timeout(PUBLISH_TIMEOUT)
                 .build()
                 .unwrap_or_default(),
+            forgetter: Arc::default(),
         }
+    }
+
+    fn forgetter(&self, pool: &Pool) -> &Forgetter {
+        self.forgetter
+            .get_or_init(|| Forgetter::start(pool.clone()))
     }
 
     pub fn enabled(&self) -> bool {
@@ -119,12 +203,9 @@ impl Publisher {
         if !self.enabled() {
             return;
         }
-        let outcome = match self.publish(order_id, event_type).await {
-            Ok(()) => forget(pool, order_id, event_type).await,
-            Err(e) => Err(e),
-        };
-        match outcome {
+        match self.publish(order_id, event_type).await {
             Ok(()) => {
+                self.forgetter(pool).forget(order_id, event_type);
                 counter!("tally_events_published_total", "type" => short(event_type)).increment(1)
             }
             Err(e) => {
