@@ -77,6 +77,8 @@ pub struct Publisher {
     client: reqwest::Client,
     /// Started with the first delivery (a task needs the runtime, and a pool).
     forgetter: Arc<OnceLock<Forgetter>>,
+    /// The publishing task's queue, started the same way.
+    outgoing: Arc<OnceLock<tokio::sync::mpsc::Sender<(i64, &'static str)>>>,
 }
 
 /// Deletes published outbox rows in batches: one statement, and one commit without waiting for
@@ -166,6 +168,7 @@ impl Publisher {
                 .build()
                 .unwrap_or_default(),
             forgetter: Arc::default(),
+            outgoing: Arc::default(),
         }
     }
 
@@ -215,15 +218,43 @@ impl Publisher {
         }
     }
 
-    /// [`Self::deliver`] on a task of its own: the caller's response does not wait for it.
+    /// Queues [`Self::deliver`] for the process's one publishing task: the caller's response
+    /// does not wait for it, and a burst of orders becomes a few kept-alive connections
+    /// publishing [`PUBLISH_AT_ONCE`] events at a time, not a task and a connection per order.
     pub fn spawn_deliver(&self, pool: &Pool, order_id: i64, event_type: &'static str) {
         if !self.enabled() {
             return;
         }
-        let (publisher, pool) = (self.clone(), pool.clone());
-        tokio::spawn(async move { publisher.deliver(&pool, order_id, event_type).await });
+        let outgoing = self.outgoing.get_or_init(|| {
+            let (queue, mut events) = tokio::sync::mpsc::channel(PUBLISH_QUEUE);
+            let (publisher, pool) = (self.clone(), pool.clone());
+            tokio::spawn(async move {
+                use futures_util::StreamExt;
+                let mut batch = Vec::with_capacity(PUBLISH_AT_ONCE * 4);
+                while events.recv_many(&mut batch, PUBLISH_AT_ONCE * 4).await > 0 {
+                    futures_util::stream::iter(batch.drain(..))
+                        .for_each_concurrent(PUBLISH_AT_ONCE, |(order_id, event_type)| {
+                            let (publisher, pool) = (&publisher, &pool);
+                            async move { publisher.deliver(pool, order_id, event_type).await }
+                        })
+                        .await;
+                }
+            });
+            queue
+        });
+        // A sink that is down or slow fills the queue: past it, the row simply waits for the
+        // sweep, rather than the process's memory growing without bound.
+        if outgoing.try_send((order_id, event_type)).is_err() {
+            counter!("tally_events_deferred_total").increment(1);
+        }
     }
 }
+
+/// Events waiting for the publishing task at most.
+const PUBLISH_QUEUE: usize = 10_000;
+
+/// Events in flight at once from one process's publishing task.
+const PUBLISH_AT_ONCE: usize = 8;
 
 /// The label an event type gets on the metrics: its last word, from a closed set.
 fn short(event_type: &str) -> &'static str {
