@@ -27,9 +27,9 @@ BEGIN
         ('inventory_movements', 'SELECT, INSERT', app),
         ('inventory_shards', 'SELECT, INSERT, UPDATE, DELETE', app),
         ('idempotency_keys', 'SELECT, INSERT, UPDATE, DELETE', app),
-        -- V10: the trigger writes rows as the role that changes the order; the publisher and
-        -- the sweep read and delete them.
-        ('outbox', 'SELECT, INSERT, DELETE', app)
+        -- V10: the trigger writes rows as the outbox's owner; the publisher and the sweep read
+        -- and delete them.
+        ('outbox', 'SELECT, DELETE', app)
     ) AS t (relation, privileges, grantee)
     LOOP
         IF to_regclass(g.relation) IS NOT NULL THEN

@@ -15,7 +15,9 @@ use bytes::Bytes;
 use http_body_util::Full;
 use serde_json::json;
 
-use crate::{Catalog, Options, Round, Server, connect, order_scenarios, report, run_round_with};
+use crate::{
+    Catalog, Options, Round, Scenario, Server, connect, order_scenarios, report, run_round_with,
+};
 
 /// An event sink on loopback, in a thread of its own (the load generator has the main one):
 /// 202 for every POST, counted.
@@ -72,9 +74,33 @@ async fn set_trigger(url: &str, on: bool) {
         .unwrap();
 }
 
+/// Waits until the outbox is empty (the last run's publishes landed), then vacuums it.
+async fn settle(url: &str) {
+    let db = connect(url).await;
+    for _ in 0..100 {
+        let left: i64 = db
+            .query_one("SELECT count(*) FROM outbox", &[])
+            .await
+            .unwrap()
+            .get(0);
+        if left == 0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    db.batch_execute("VACUUM outbox").await.unwrap();
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
+}
+
+/// The two servers under test and the sink the second publishes to.
+struct Sides {
+    off: Server,
+    on: Server,
+    sink: Sink,
 }
 
 pub async fn ab(o: &Options, runner: &Path, urls: (&str, &str), catalog: Catalog) -> ExitCode {
@@ -86,53 +112,23 @@ pub async fn ab(o: &Options, runner: &Path, urls: (&str, &str), catalog: Catalog
         .unwrap();
     let sink = start_sink();
     let k_sink = format!("http://{}/", sink.addr);
-    let off = Server::start(&runner.to_path_buf(), urls.0, o.pool);
-    let on = Server::start_with(
-        &runner.to_path_buf(),
-        urls.0,
-        o.pool,
-        &[("K_SINK", k_sink.as_str())],
-    );
-    let scenarios: Vec<_> = order_scenarios(catalog)
-        .into_iter()
+    let runner = runner.to_path_buf();
+    let sides = Sides {
+        off: Server::start(&runner, urls.0, o.pool),
+        on: Server::start_with(&runner, urls.0, o.pool, &[("K_SINK", k_sink.as_str())]),
+        sink,
+    };
+    let (mut results, mut unexpected, mut missed) = (Vec::new(), 0, false);
+    for s in order_scenarios(catalog)
+        .iter()
         .filter(|s| matches!(s.name, "hot SKU" | "spread"))
-        .collect();
-    let mut results = Vec::new();
-    let mut unexpected = 0;
-    for s in &scenarios {
-        let (mut off_ratio, mut on_ratio, mut rounds) = (Vec::new(), Vec::new(), Vec::new());
-        for round in 1..=o.rounds {
-            set_trigger(urls.0, false).await;
-            let a: Round = run_round_with(o, &off, urls, s, true).await;
-            set_trigger(urls.0, true).await;
-            let before = sink.received.load(Ordering::Relaxed);
-            let b: Round = run_round_with(o, &on, urls, s, false).await;
-            let published = sink.received.load(Ordering::Relaxed) - before;
-            let ceiling = a.minimal_ceiling.as_ref().map_or(f64::NAN, |c| c.best_tps);
-            eprintln!(
-                "bench: outbox round {round}, {}: off {}; on {} ({published} events published)",
-                s.name,
-                report::round_line(&a),
-                report::round_line(&b)
-            );
-            unexpected += a.load.unexpected() + b.load.unexpected();
-            off_ratio.push(a.load.throughput / ceiling);
-            on_ratio.push(b.load.throughput / ceiling);
-            rounds.push(json!({"off": a, "on": b, "events_published": published}));
-        }
-        let (off_m, on_m) = (median(off_ratio), median(on_ratio));
-        println!(
-            "outbox A/B, {}: ratio to the minimal ceiling off {off_m:.2}x, on {on_m:.2}x ({:+.1}%)",
-            s.name,
-            (on_m / off_m - 1.0) * 100.0
-        );
-        results.push(
-            json!({"scenario": s.name, "off_ratio": off_m, "on_ratio": on_m,
-                            "change": on_m / off_m - 1.0, "rounds": rounds}),
-        );
+    {
+        let (result, bad, within) = scenario(o, &sides, urls, s).await;
+        results.push(result);
+        unexpected += bad;
+        missed |= !within;
     }
-    // The outbox drains once the last publishes land.
-    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    settle(urls.0).await;
     let left: i64 = connect(urls.0)
         .await
         .query_one("SELECT count(*) FROM outbox", &[])
@@ -142,20 +138,94 @@ pub async fn ab(o: &Options, runner: &Path, urls: (&str, &str), catalog: Catalog
     println!("outbox A/B: {unexpected} non-2xx responses; {left} outbox rows left after the run");
     let dir = std::path::PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/results"));
     std::fs::create_dir_all(&dir).unwrap();
+    let report = json!({"rounds": o.rounds, "connections": o.connections,
+        "seconds_per_run": o.duration.as_secs(), "scenarios": results,
+        "unexpected_responses": unexpected, "outbox_rows_left": left});
     std::fs::write(
         dir.join("outbox-ab.json"),
-        serde_json::to_string_pretty(&json!({"rounds": o.rounds, "connections": o.connections,
-            "seconds_per_run": o.duration.as_secs(), "scenarios": results,
-            "unexpected_responses": unexpected, "outbox_rows_left": left}))
-        .unwrap(),
+        serde_json::to_string_pretty(&report).unwrap(),
     )
     .unwrap();
-    drop((off, on));
+    drop(sides);
     crate::drop_database(&o.server, urls.0).await;
     crate::drop_database(&o.server, urls.1).await;
-    if unexpected == 0 {
+    if unexpected == 0 && !missed {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
     }
+}
+
+/// One scenario's rounds: (its report, its non-2xx count, whether "on" is within 10% of "off").
+async fn scenario(
+    o: &Options,
+    sides: &Sides,
+    urls: (&str, &str),
+    s: &Scenario,
+) -> (serde_json::Value, u64, bool) {
+    let (mut off_ratio, mut on_ratio, mut change, mut rounds) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut unexpected = 0;
+    for round in 1..=o.rounds {
+        let (a, b, published) = one_round(o, sides, urls, s, round).await;
+        let ceiling = a
+            .minimal_ceiling
+            .as_ref()
+            .or(b.minimal_ceiling.as_ref())
+            .map_or(f64::NAN, |c| c.best_tps);
+        eprintln!(
+            "bench: outbox round {round}, {}: off {}; on {} ({published} events published)",
+            s.name,
+            report::round_line(&a),
+            report::round_line(&b)
+        );
+        unexpected += a.load.unexpected() + b.load.unexpected();
+        off_ratio.push(a.load.throughput / ceiling);
+        on_ratio.push(b.load.throughput / ceiling);
+        change.push(b.load.throughput / a.load.throughput - 1.0);
+        rounds.push(json!({"off": a, "on": b, "events_published": published}));
+    }
+    let (off_m, on_m, change_m) = (median(off_ratio), median(on_ratio), median(change));
+    let within = change_m >= -0.10;
+    let verdict = if within {
+        "within 10%"
+    } else {
+        "MISSED: over 10%"
+    };
+    println!(
+        "outbox A/B, {}: ratio to the minimal ceiling off {off_m:.2}x, on {on_m:.2}x; median per-round change {:+.1}% ({verdict})",
+        s.name,
+        change_m * 100.0,
+    );
+    let result = json!({"scenario": s.name, "off_ratio": off_m, "on_ratio": on_m,
+        "median_change": change_m, "within_10_percent": within, "rounds": rounds});
+    (result, unexpected, within)
+}
+
+/// Both sides once, the first of them with the ceilings; which side goes first alternates by
+/// round, and the outbox drains and is vacuumed before each, so neither inherits the other's
+/// work. Returns (off, on, events the sink received during "on").
+async fn one_round(
+    o: &Options,
+    sides: &Sides,
+    urls: (&str, &str),
+    s: &Scenario,
+    round: usize,
+) -> (Round, Round, u64) {
+    let on_first = round.is_multiple_of(2);
+    let (mut off, mut on) = (None, None);
+    for side_on in [on_first, !on_first] {
+        settle(urls.0).await;
+        set_trigger(urls.0, side_on).await;
+        let first = off.is_none() && on.is_none();
+        if side_on {
+            let before = sides.sink.received.load(Ordering::Relaxed);
+            let r = run_round_with(o, &sides.on, urls, s, first).await;
+            on = Some((r, sides.sink.received.load(Ordering::Relaxed) - before));
+        } else {
+            off = Some(run_round_with(o, &sides.off, urls, s, first).await);
+        }
+    }
+    let (on, published) = on.expect("ran");
+    (off.expect("ran"), on, published)
 }

@@ -17,8 +17,11 @@ CREATE TABLE outbox (
 
 -- A FAILED order is 'expired' when its stock went back for expiry (release_order writes that
 -- ledger row before it changes the status), 'failed' when the fulfilment step failed it.
+-- SECURITY DEFINER: the row is written as the outbox's owner, so the trigger works for every
+-- role that may change an order from the moment this migration commits, before the migrator's
+-- grants run (and for a role the grants never name), with nothing granted on outbox for it.
 CREATE FUNCTION outbox_order_event() RETURNS trigger
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = public, pg_temp AS $$
 BEGIN
     IF TG_OP = 'INSERT' THEN
         INSERT INTO outbox (order_id, event_type) VALUES (NEW.id, 'dev.tally.order.placed');
@@ -38,3 +41,4 @@ END $$;
 
 CREATE TRIGGER orders_outbox AFTER INSERT OR UPDATE OF status ON orders
     FOR EACH ROW EXECUTE FUNCTION outbox_order_event();
+REVOKE ALL ON FUNCTION outbox_order_event() FROM PUBLIC;

@@ -102,9 +102,10 @@ impl TryFrom<RawProcessorConfig> for ProcessorConfig {
                 raw.process_batch_size
             ));
         }
-        if raw.fulfilment_delay_ms > 3_600_000 {
+        // The event's sender waits for the answer (the publish times out at 5 s).
+        if raw.fulfilment_delay_ms > 4_000 {
             return Err(format!(
-                "FULFILMENT_DELAY_MS={} must be at most an hour",
+                "FULFILMENT_DELAY_MS={} must be at most 4000",
                 raw.fulfilment_delay_ms
             ));
         }
@@ -229,6 +230,7 @@ const CLAIM_SQL: &str = "UPDATE orders o \
      WHERE o.id IN (SELECT id FROM orders \
                     WHERE status = 'PENDING' \
                       AND created_at >= now() - make_interval(secs => $1) \
+                      AND created_at < now() - make_interval(secs => $4) \
                       AND (claimed_until IS NULL OR claimed_until < now()) \
                     ORDER BY id LIMIT $3 FOR UPDATE SKIP LOCKED) \
      RETURNING o.id, o.user_id, o.total_cents, o.attempts";
@@ -243,21 +245,35 @@ const RETRY_SQL: &str = "UPDATE orders SET claimed_until = NULL, last_error = $2
 const FORGET_KEYS_SQL: &str =
     "DELETE FROM idempotency_keys WHERE created_at < now() - make_interval(secs => $1)";
 
+/// Counters the alerts name exist from the process's first request on, at 0: a series that
+/// appears at 1 is one `increase()` cannot see.
+fn declare_metrics() {
+    for step_outcome in ["confirmed", "failed"] {
+        counter!("tally_processor_lost_claims_total", "step_outcome" => step_outcome).increment(0);
+    }
+    for kind in ["placed", "ping", "other"] {
+        counter!("tally_events_dead_lettered_total", "type" => kind).increment(0);
+    }
+    counter!("tally_events_published_total", "type" => "confirmed").increment(0);
+}
+
 /// One sweep. Each statement is its own short transaction; the step runs between them.
 pub async fn sweep(
     pool: &Pool,
     config: &ProcessorConfig,
     step: &dyn FulfilmentStep,
 ) -> Result<SweepSummary, ApiError> {
-    // Counters the alerts name exist from the first sweep on, at 0, so a rule can tell "none"
-    // from "not scraped".
-    for step_outcome in ["confirmed", "failed"] {
-        counter!("tally_processor_lost_claims_total", "step_outcome" => step_outcome).increment(0);
-    }
-    counter!("tally_events_dead_lettered_total", "type" => "placed").increment(0);
-    counter!("tally_events_published_total", "type" => "confirmed").increment(0);
+    declare_metrics();
     let mut summary = SweepSummary::default();
     let result = sweep_into(pool, config, step, &mut summary).await;
+    if result.is_ok() {
+        // The alert on a silent processor reads this: a pod the pings keep alive whose sweeps
+        // all fail still reports an old age, but no new success.
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64());
+        gauge!("tally_processor_last_sweep_timestamp_seconds").set(now);
+    }
     // What was recorded before an error is counted too: it happened.
     counter!("tally_processor_sweeps_total", "result" => if result.is_ok() { "ok" } else { "error" })
         .increment(1);
@@ -424,10 +440,13 @@ async fn claim(
     conn: &tokio_postgres::Client,
     config: &ProcessorConfig,
 ) -> Result<Vec<ClaimedOrder>, ApiError> {
-    let params: [(&(dyn tokio_postgres::types::ToSql + Sync), Type); 3] = [
+    // An order's fulfilment delay holds the sweep back too, not only its event.
+    let delay_secs = config.fulfilment_delay_ms as f64 / 1000.0;
+    let params: [(&(dyn tokio_postgres::types::ToSql + Sync), Type); 4] = [
         (&config.order_ttl_secs, Type::FLOAT8),
         (&config.claim_lease_secs, Type::FLOAT8),
         (&config.process_batch_size, Type::INT8),
+        (&delay_secs, Type::FLOAT8),
     ];
     let mut claimed: Vec<ClaimedOrder> =
         meters::timed("claim_orders", conn.query_typed(CLAIM_SQL, &params))
@@ -592,7 +611,9 @@ async fn sweep_once(request: Request, state: AppState) -> HandlerResult {
     auth::principal(&request)?.require_admin()?;
     let config = state.extension::<ProcessorConfig>()?;
     let summary = sweep(&state.pool, config, &ConfirmAll).await?;
-    publish_outbox(&state.pool, config, &state.events).await?;
+    if let Err(e) = publish_outbox(&state.pool, config, &state.events).await {
+        tracing::warn!(error = e.code(), "publishing the outbox failed");
+    }
     json_response(StatusCode::OK, &summary)
 }
 
@@ -618,6 +639,7 @@ const CLAIM_ONE_SQL: &str = "UPDATE orders o \
      RETURNING o.id, o.user_id, o.total_cents, o.attempts";
 
 async fn on_event(request: Request, state: AppState) -> HandlerResult {
+    declare_metrics();
     let event = events::read_event(&request)?;
     let config = state.extension::<ProcessorConfig>()?;
     let answer = match event.ty() {
@@ -626,13 +648,30 @@ async fn on_event(request: Request, state: AppState) -> HandlerResult {
                 ApiError::InvalidRequest("an order event names its order in subject".into())
             })?;
             let summary = handle_placed(&state.pool, config, &ConfirmAll, order_id).await?;
+            // Only the event this call wrote goes out (queued, after the answer): publishing
+            // the whole outbox from every event would republish what other calls are publishing.
+            let written = (summary.confirmed == 1)
+                .then_some(events::CONFIRMED)
+                .or((summary.failed == 1).then_some(events::FAILED));
+            if let Some(event_type) = written {
+                state
+                    .events
+                    .spawn_deliver(&state.pool, order_id, event_type);
+            }
             serde_json::to_value(summary)
         }
-        events::PING => serde_json::to_value(sweep(&state.pool, config, &ConfirmAll).await?),
+        events::PING => {
+            let summary = sweep(&state.pool, config, &ConfirmAll).await?;
+            // The order events are handled by now; an outbox that cannot be published is the
+            // next ping's, not a reason to have the ping sent again.
+            if let Err(e) = publish_outbox(&state.pool, config, &state.events).await {
+                tracing::warn!(error = e.code(), "publishing the outbox failed");
+            }
+            serde_json::to_value(summary)
+        }
         _ => Ok(serde_json::json!({ "ignored": event.ty() })),
     }
     .map_err(|e| ApiError::Internal(e.to_string()))?;
-    publish_outbox(&state.pool, config, &state.events).await?;
     json_response(StatusCode::OK, &answer)
 }
 
@@ -678,6 +717,7 @@ pub async fn handle_placed(
 }
 
 async fn on_dead_letter(request: Request, _state: AppState) -> HandlerResult {
+    declare_metrics();
     let event = events::read_event(&request)?;
     let kind = match event.ty() {
         events::PLACED => "placed",
