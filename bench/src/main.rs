@@ -120,6 +120,19 @@ fn binary(profile: &str, name: &str) -> PathBuf {
         .join(name)
 }
 
+/// Where a server's stdout goes: `BENCH_SERVER_LOG`, or nowhere.
+fn log_to() -> Stdio {
+    std::env::var_os("BENCH_SERVER_LOG")
+        .and_then(|path| {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .ok()
+        })
+        .map_or_else(Stdio::null, Stdio::from)
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -171,7 +184,8 @@ impl Server {
                 "LOG_LEVEL",
                 std::env::var("BENCH_LOG_LEVEL").unwrap_or_else(|_| "info".into()),
             )
-            .stdout(Stdio::null())
+            // BENCH_SERVER_LOG=FILE keeps the server's log (append), to see why something failed.
+            .stdout(log_to())
             .stderr(Stdio::null())
             .spawn()
             .unwrap_or_else(|e| panic!("starting {}: {e} (build it first)", binary.display()));
