@@ -272,19 +272,6 @@ fn short(event_type: &str) -> &'static str {
     }
 }
 
-async fn forget(pool: &Pool, order_id: i64, event_type: &str) -> Result<(), String> {
-    let conn = pool.get().await.map_err(|e| e.to_string())?;
-    let params: [(&(dyn tokio_postgres::types::ToSql + Sync), Type); 2] =
-        [(&order_id, Type::INT8), (&event_type, Type::TEXT)];
-    conn.execute_typed(
-        "DELETE FROM outbox WHERE order_id = $1 AND event_type = $2",
-        &params,
-    )
-    .await
-    .map(|_| ())
-    .map_err(|e| e.to_string())
-}
-
 /// Publishes up to `limit` outbox rows, oldest first, deleting each once the sink has it:
 /// placed and cancelled ones once they are older than `grace` (the function that wrote them
 /// publishes them itself, and had that long), the processor's own (confirmed, expired,
@@ -314,7 +301,7 @@ pub async fn publish_left_behind(
         )
         .await?
     };
-    let mut published = 0;
+    let mut published = Vec::with_capacity(rows.len());
     for row in rows {
         let (order_id, event_type): (i64, String) = (row.get(0), row.get(1));
         if let Err(e) = publisher.publish(order_id, &event_type).await {
@@ -322,11 +309,14 @@ pub async fn publish_left_behind(
             tracing::warn!(order_id, event_type, error = %e, "the sweep could not publish: later");
             break;
         }
-        forget(pool, order_id, &event_type)
+        counter!("tally_events_published_total", "type" => short(&event_type)).increment(1);
+        published.push((order_id, known_type(&event_type)));
+    }
+    // One delete for all that went out, as the publishing task's batches do.
+    if !published.is_empty() {
+        forget_all(pool, &published)
             .await
             .map_err(ApiError::Internal)?;
-        counter!("tally_events_published_total", "type" => short(&event_type)).increment(1);
-        published += 1;
     }
-    Ok(published)
+    Ok(published.len() as u64)
 }

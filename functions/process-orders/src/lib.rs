@@ -248,6 +248,12 @@ const FORGET_KEYS_SQL: &str =
 /// Counters the alerts name exist from the process's first request on, at 0: a series that
 /// appears at 1 is one `increase()` cannot see.
 fn declare_metrics() {
+    // Once per process: every later increment finds them registered.
+    static DECLARED: std::sync::Once = std::sync::Once::new();
+    DECLARED.call_once(declare_metrics_now);
+}
+
+fn declare_metrics_now() {
     for step_outcome in ["confirmed", "failed"] {
         counter!("tally_processor_lost_claims_total", "step_outcome" => step_outcome).increment(0);
     }
