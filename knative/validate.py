@@ -19,7 +19,9 @@ import kubernetes_validate
 import yaml
 
 HERE = pathlib.Path(__file__).resolve().parent
-OVERLAYS = ["minikube", "doks"]
+OVERLAYS = ["minikube", "cnpg", "doks"]
+# Applied by hand, outside any kustomization, and validated all the same.
+EXTRA_MANIFESTS = ["overlays/cnpg/recovery.yaml"]
 K8S_VERSION = "1.32.0"  # DOKS and minikube at the time of writing
 SCHEMAS = {
     ("serving.knative.dev/v1", "Service"): "service-serving-v1.json",
@@ -34,6 +36,10 @@ SCHEMAS = {
     ("cert-manager.io/v1", "ClusterIssuer"): "clusterissuer-cert-manager-v1.json",
     ("monitoring.coreos.com/v1", "PrometheusRule"): "prometheusrule-monitoring-v1.json",
     ("monitoring.coreos.com/v1", "PodMonitor"): "podmonitor-monitoring-v1.json",
+    ("postgresql.cnpg.io/v1", "Cluster"): "cluster-postgresql-v1.json",
+    ("postgresql.cnpg.io/v1", "Pooler"): "pooler-postgresql-v1.json",
+    ("postgresql.cnpg.io/v1", "ScheduledBackup"): "scheduledbackup-postgresql-v1.json",
+    ("barmancloud.cnpg.io/v1", "ObjectStore"): "objectstore-barmancloud-v1.json",
 }
 # Postgres keeps this many for superusers (superuser_reserved_connections, default 3).
 SUPERUSER_RESERVE_DEFAULT = 3
@@ -97,13 +103,39 @@ def find(docs, kind, name=None):
     return [d for d in docs if d["kind"] == kind and (name is None or d["metadata"]["name"] == name)]
 
 
+def via_pooler(docs, pod_spec):
+    """Whether a pod's connections go through a Pooler: there is one, and the pod is not one of
+    the owner's direct clients (migrate, backup: session state) but uses tally-db-app or
+    tally-db-readonly, whose URLs name the pooler."""
+    return bool(find(docs, "Pooler")) and "tally-db" not in secrets_of(pod_spec)
+
+
+def database_limits(docs):
+    """(max_connections, superuser reserve, admin reserve) of the StatefulSet or the Cluster."""
+    clusters = find(docs, "Cluster")
+    if clusters:
+        (cluster,) = clusters
+        settings = cluster["spec"].get("postgresql", {}).get("parameters", {})
+        annotations = cluster["metadata"]["annotations"]
+    else:
+        (pg,) = find(docs, "StatefulSet", "postgres")
+        args = pg["spec"]["template"]["spec"]["containers"][0].get("args", [])
+        settings = dict(a.split("=", 1) for a in args if "=" in a)
+        annotations = pg["metadata"]["annotations"]
+    return (int(settings.get("max_connections", 100)),
+            int(settings.get("superuser_reserved_connections", SUPERUSER_RESERVE_DEFAULT)),
+            int(annotations["tally.dev/admin-reserve-connections"]))
+
+
 def connection_budget(docs):
     """(used, available, lines): the worst case of connections against what Postgres allows.
 
-    used = sum over Knative Services of 2 x max-scale x POOL_SIZE (during a rollout the old and
-           the new revision can each reach max-scale)
+    used = sum over Knative Services that connect directly of 2 x max-scale x POOL_SIZE (during
+           a rollout the old and the new revision can each reach max-scale)
+         + for a Pooler (CloudNativePG), its pods at most x max_db_connections, instead of the
+           pools of the functions behind it
          + sum of the jobs' tally.dev/db-connections (the processor is a Knative Service)
-         + the admin reserve annotated on the StatefulSet
+         + the admin reserve annotated on the StatefulSet or Cluster
     available = max_connections - superuser_reserved_connections
     """
     lines, used = [], 0
@@ -118,25 +150,60 @@ def connection_budget(docs):
         expected = min(MAX_POOL, concurrency)
         if pool != expected:
             raise SystemExit(f"{svc['metadata']['name']}: POOL_SIZE {pool}, but min({MAX_POOL}, containerConcurrency {concurrency}) = {expected}")
+        if via_pooler(docs, template["spec"]):
+            lines.append(f"  {svc['metadata']['name']:<16} through the pooler")
+            continue
         # Connections a pod opens besides its pool (the backup's pg_dump).
         extra = int(template["metadata"]["annotations"].get("tally.dev/extra-db-connections", "0"))
         used += ROLLOUT_REVISIONS * max_scale * (pool + extra)
         lines.append(f"  {svc['metadata']['name']:<16} {ROLLOUT_REVISIONS} revisions x max-scale {max_scale:>3} x (pool {pool} + {extra}) = {ROLLOUT_REVISIONS * max_scale * (pool + extra)}")
+    for pooler in find(docs, "Pooler"):
+        pods = int(pooler["metadata"]["annotations"]["tally.dev/max-pods"])
+        if pods < pooler["spec"]["instances"]:
+            raise SystemExit(f"Pooler/{pooler['metadata']['name']}: tally.dev/max-pods {pods} < instances")
+        per_pod = int(pooler["spec"]["pgbouncer"].get("parameters", {})["max_db_connections"])
+        used += pods * per_pod
+        lines.append(f"  Pooler/{pooler['metadata']['name']:<20} {pods} pods x max_db_connections {per_pod} = {pods * per_pod}")
     for kind in ("Job", "CronJob"):
         for job in find(docs, kind):
             n = int(job["metadata"].get("annotations", {}).get("tally.dev/db-connections", "1"))
             used += n
             lines.append(f"  {kind + '/' + job['metadata']['name']:<27} {n}")
-    (pg,) = find(docs, "StatefulSet", "postgres")
-    reserve = int(pg["metadata"]["annotations"]["tally.dev/admin-reserve-connections"])
+    max_connections, superuser, reserve = database_limits(docs)
     used += reserve
     lines.append(f"  admin reserve              {reserve}")
-    args = pg["spec"]["template"]["spec"]["containers"][0].get("args", [])
-    settings = dict(a.split("=", 1) for a in args if "=" in a)
-    max_connections = int(settings.get("max_connections", 100))
-    superuser = int(settings.get("superuser_reserved_connections", SUPERUSER_RESERVE_DEFAULT))
     available = max_connections - superuser
     return used, available, lines
+
+
+def cnpg_problems(docs):
+    """What the CloudNativePG overlay promises (README, "Scaling the database"): three
+    instances with data checksums, WAL archived by the Barman Cloud plugin to an ObjectStore
+    that exists, a ScheduledBackup of that cluster, a transaction-mode Pooler in front of it,
+    and migrate without --roles (the Cluster makes the roles)."""
+    clusters = find(docs, "Cluster")
+    if not clusters:
+        return []
+    problems = []
+    (cluster,) = clusters
+    spec, name = cluster["spec"], cluster["metadata"]["name"]
+    if spec.get("instances", 1) < 3:
+        problems.append(f"Cluster/{name}: fewer than 3 instances")
+    if not spec.get("bootstrap", {}).get("initdb", {}).get("dataChecksums"):
+        problems.append(f"Cluster/{name}: data checksums are off")
+    stores = {d["metadata"]["name"] for d in find(docs, "ObjectStore")}
+    archivers = [p for p in spec.get("plugins", []) if p.get("isWALArchiver")]
+    if not archivers or archivers[0].get("parameters", {}).get("barmanObjectName") not in stores:
+        problems.append(f"Cluster/{name}: no WAL archiver writing to an ObjectStore in the overlay")
+    if not any(b["spec"]["cluster"]["name"] == name for b in find(docs, "ScheduledBackup")):
+        problems.append(f"Cluster/{name}: no ScheduledBackup")
+    poolers = [p for p in find(docs, "Pooler") if p["spec"]["cluster"]["name"] == name]
+    if not poolers or any(p["spec"]["pgbouncer"].get("poolMode") != "transaction" for p in poolers):
+        problems.append(f"Cluster/{name}: the functions' Pooler must run in transaction mode")
+    for job in find(docs, "Job", "migrate"):
+        if "--roles" in job["spec"]["template"]["spec"]["containers"][0].get("args", []):
+            problems.append("Job/migrate: --roles on CloudNativePG (the Cluster makes the roles)")
+    return problems
 
 
 # Least privilege: which database Secret (role) and whether the signing key each workload may
@@ -235,7 +302,8 @@ def check(docs, label, schema_checked=None):
     """Every check; the schema validation (the slow part) only for `schema_checked` when
     given: a mutation re-validates the one document it changed."""
     errors = ([p for d in (docs if schema_checked is None else schema_checked) for p in problems_of(d)]
-              + privilege_problems(docs) + port_problems(docs) + rollout_problems(docs))
+              + privilege_problems(docs) + port_problems(docs) + rollout_problems(docs)
+              + cnpg_problems(docs))
     if errors:
         return errors, 0, 0, []
     used, available, lines = connection_budget(docs)
@@ -386,6 +454,72 @@ def mutations(docs):
                         podmonitor_typo)]
 
 
+def cnpg_mutations(docs):
+    """The CloudNativePG overlay's broken copies: misspelled fields in each of its kinds, and
+    what cnpg_problems and the budget must catch."""
+    def edit(kind, change):
+        def mutate(ds):
+            change(find(ds, kind)[0])
+            return ds
+        return mutate
+
+    def rename(obj, path, new):
+        *parents, last = path
+        for key in parents:
+            obj = obj[key]
+        obj[new] = obj.pop(last)
+
+    cases = {
+        "cluster_instances_typo": edit("Cluster", lambda c: rename(c, ["spec", "instances"], "instance")),
+        "cluster_checksums_typo": edit("Cluster", lambda c: rename(
+            c, ["spec", "bootstrap", "initdb", "dataChecksums"], "dataChecksum")),
+        "cluster_archiver_typo": edit("Cluster", lambda c: rename(
+            c["spec"]["plugins"][0], ["isWALArchiver"], "isWalArchiver")),
+        "cluster_role_typo": edit("Cluster", lambda c: rename(
+            c["spec"]["managed"]["roles"][0], ["passwordSecret"], "passwordSecrets")),
+        "cluster_monitoring_typo": edit("Cluster", lambda c: rename(
+            c, ["spec", "monitoring", "enablePodMonitor"], "enablePodMonitors")),
+        "pooler_mode_typo": edit("Pooler", lambda p: rename(p, ["spec", "pgbouncer", "poolMode"], "poolmode")),
+        "scheduledbackup_typo": edit("ScheduledBackup", lambda b: rename(b, ["spec", "schedule"], "scheduel")),
+        "objectstore_typo": edit("ObjectStore", lambda o: rename(
+            o, ["spec", "configuration", "s3Credentials", "accessKeyId"], "accessKeyID")),
+        "no_checksums": edit("Cluster", lambda c: c["spec"]["bootstrap"]["initdb"].update(dataChecksums=False)),
+        "one_instance": edit("Cluster", lambda c: c["spec"].update(instances=1)),
+        "archiver_to_a_missing_store": edit("Cluster", lambda c: c["spec"]["plugins"][0]["parameters"].update(
+            barmanObjectName="nowhere")),
+        "pooler_in_session_mode": edit("Pooler", lambda p: p["spec"]["pgbouncer"].update(poolMode="session")),
+        "pooler_over_budget": edit("Pooler", lambda p: p["spec"]["pgbouncer"]["parameters"].update(
+            max_db_connections="1000")),
+        "migrate_makes_roles": edit("Job", lambda j: j["spec"]["template"]["spec"]["containers"][0].update(
+            args=["--roles"])),
+    }
+    for name, mutate in cases.items():
+        mutate.__name__ = name
+    return list(cases.values())
+
+
+def extra_manifests_valid():
+    """The manifests applied by hand (the recovery Cluster), strictly, and one misspelling each
+    must fail."""
+    ok = True
+    for path in EXTRA_MANIFESTS:
+        docs = [d for d in yaml.safe_load_all((HERE / path).read_text()) if d]
+        errors = [p for d in docs for p in problems_of(d)]
+        if errors:
+            ok = False
+            print(f"FAIL {path}:", *errors[:10], sep="\n  ")
+            continue
+        broken = copy.deepcopy(docs[0])
+        recovery = broken["spec"]["bootstrap"]["recovery"]
+        recovery["recoveryTarget"]["targetTme"] = recovery["recoveryTarget"].pop("targetTime")
+        if problems_of(broken):
+            print(f"ok   {path}: {len(docs)} objects valid; a misspelled targetTime is rejected")
+        else:
+            ok = False
+            print(f"FAIL {path}: a misspelled targetTime was accepted")
+    return ok
+
+
 def alerts_match(docs):
     """The PrometheusRule deploys exactly knative/alerts/rules.yml, the file promtool checks."""
     rules = yaml.safe_load((HERE / "alerts" / "rules.yml").read_text())
@@ -446,10 +580,11 @@ def main():
                 print("  " + e)
         else:
             print(f"ok   {overlay}: {len(docs)} objects ({', '.join(kinds)}); connection budget {used}/{available}")
-        # The mutations run on doks, which has every kind (its gateway and certificates too).
-        if overlay == OVERLAYS[-1]:
+        # The mutations run on doks, which has every kind (its gateway and certificates too),
+        # and the CloudNativePG kinds' on cnpg.
+        if overlay in ("doks", "cnpg"):
             print("\n".join(lines))
-            for mutate in mutations(docs):
+            for mutate in (mutations if overlay == "doks" else cnpg_mutations)(docs):
                 broken = mutate(copy.deepcopy(docs))
                 changed = [b for b, d in zip(broken, docs) if b != d]
                 broken_errors, *_ = check(broken, overlay, schema_checked=changed)
@@ -458,11 +593,12 @@ def main():
                 else:
                     failed = True
                     print(f"FAIL the checks accepted a broken manifest: {mutate.__name__}")
+    failed |= not extra_manifests_valid()
     failed |= not rollout_steps_hold(render(OVERLAYS[-1]))
     failed |= not alerts_match(render(OVERLAYS[-1]))
     secrets = [d for d in yaml.safe_load_all((HERE / "secrets.template.yaml").read_text()) if d]
     secret_errors = [p for d in secrets for p in problems_of(d)]
-    if secret_errors or any(v != "REPLACE_ME" and "REPLACE_ME" not in v and k.endswith(("PASSWORD", "SECRET", "SECRET_KEY", "KEY_ID"))
+    if secret_errors or any(v != "REPLACE_ME" and "REPLACE_ME" not in v and k.upper().endswith(("PASSWORD", "SECRET", "SECRET_KEY", "KEY_ID"))
                             for d in secrets for k, v in d.get("stringData", {}).items()):
         failed = True
         print("FAIL secrets.template.yaml:", secret_errors or "holds a value that is not a placeholder")

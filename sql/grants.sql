@@ -27,9 +27,10 @@ BEGIN
         ('inventory_movements', 'SELECT, INSERT', app),
         ('inventory_shards', 'SELECT, INSERT, UPDATE, DELETE', app),
         ('idempotency_keys', 'SELECT, INSERT, UPDATE, DELETE', app),
-        -- V10: the trigger writes rows as the outbox's owner; the publisher and the sweep read
-        -- and delete them.
-        ('outbox', 'SELECT, DELETE', app)
+        -- V10/V11: an order's insert writes its placed row as the caller (V11's trigger; the
+        -- status changes' rows are written as the owner); the publisher and the sweep read and
+        -- delete them.
+        ('outbox', 'SELECT, INSERT, DELETE', app)
     ) AS t (relation, privileges, grantee)
     LOOP
         IF to_regclass(g.relation) IS NOT NULL THEN

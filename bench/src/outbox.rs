@@ -2,7 +2,7 @@
 //! scenarios: the minimal ceiling (pgbench, none of our code), then the API with the outbox off
 //! (its trigger disabled, nothing published: the previous release's write path), then the API
 //! with it on (the trigger's row in the order's transaction, published after the 201 to a
-//! sink on loopback that acknowledges, then deleted). Each side's ratio to the same round's
+//! sink on loopback that acknowledges; the row stays until its order leaves PENDING, V11). Each side's ratio to the same round's
 //! ceiling, medians over the rounds; the bar: on within 10% of off.
 
 use std::net::SocketAddr;
@@ -69,36 +69,36 @@ async fn set_trigger(url: &str, on: bool) {
     let verb = if on { "ENABLE" } else { "DISABLE" };
     connect(url)
         .await
-        .batch_execute(&format!("ALTER TABLE orders {verb} TRIGGER orders_outbox"))
+        .batch_execute(&format!(
+            "ALTER TABLE orders {verb} TRIGGER orders_outbox, {verb} TRIGGER orders_outbox_placed"
+        ))
         .await
         .unwrap();
 }
 
-/// Waits (up to 10 s) until the outbox is empty, the last run's publishes landed; returns how
-/// many rows were still there.
-async fn drain(url: &str) -> i64 {
+/// Waits (up to 10 s) until the sink has received, since `before`, an event for every row the
+/// side wrote (placed rows stay until their order leaves PENDING, V11, and nothing confirms
+/// them here); returns (events received, rows written).
+async fn wait_published(url: &str, sink: &Sink, before: u64) -> (u64, i64) {
     let db = connect(url).await;
-    let mut left = 0;
+    let mut seen = (0, 0);
     for _ in 0..100 {
-        left = db
+        let rows: i64 = db
             .query_one("SELECT count(*) FROM outbox", &[])
             .await
             .unwrap()
             .get(0);
-        if left == 0 {
+        seen = (sink.received.load(Ordering::Relaxed) - before, rows);
+        if seen.0 >= rows as u64 {
             break;
         }
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
-    left
+    seen
 }
 
-/// [`drain`], then empties and vacuums the outbox, so the next side starts clean.
+/// Empties and vacuums the outbox, so the next side starts clean.
 async fn settle(url: &str) {
-    let left = drain(url).await;
-    if left > 0 {
-        eprintln!("bench: {left} outbox rows were still unpublished after 10 s");
-    }
     let db = connect(url).await;
     // Two calls: VACUUM cannot run in the implicit transaction of a multi-statement query.
     db.batch_execute("DELETE FROM outbox").await.unwrap();
@@ -118,12 +118,6 @@ struct Sides {
 }
 
 pub async fn ab(o: &Options, runner: &Path, urls: (&str, &str), catalog: Catalog) -> ExitCode {
-    // The setup's orders (the reads' 1,000) wrote placed rows that nothing here publishes.
-    connect(urls.0)
-        .await
-        .batch_execute("DELETE FROM outbox")
-        .await
-        .unwrap();
     let sink = start_sink();
     let k_sink = format!("http://{}/", sink.addr);
     let runner = runner.to_path_buf();
@@ -132,23 +126,25 @@ pub async fn ab(o: &Options, runner: &Path, urls: (&str, &str), catalog: Catalog
         on: Server::start_with(&runner, urls.0, o.pool, &[("K_SINK", k_sink.as_str())]),
         sink,
     };
-    let (mut results, mut unexpected, mut missed) = (Vec::new(), 0, false);
+    let (mut results, mut unexpected, mut missed, mut unpublished) = (Vec::new(), 0, false, 0);
     for s in order_scenarios(catalog)
         .iter()
         .filter(|s| matches!(s.name, "hot SKU" | "spread"))
     {
-        let (result, bad, within) = scenario(o, &sides, urls, s).await;
+        let (result, bad, within, left) = scenario(o, &sides, urls, s).await;
         results.push(result);
         unexpected += bad;
+        unpublished += left;
         missed |= !within;
     }
-    let left = drain(urls.0).await;
-    println!("outbox A/B: {unexpected} non-2xx responses; {left} outbox rows left after the run");
+    println!(
+        "outbox A/B: {unexpected} non-2xx responses; {unpublished} outbox rows the sink never received"
+    );
     let dir = std::path::PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/results"));
     std::fs::create_dir_all(&dir).unwrap();
     let report = json!({"rounds": o.rounds, "connections": o.connections,
         "seconds_per_run": o.duration.as_secs(), "scenarios": results,
-        "unexpected_responses": unexpected, "outbox_rows_left": left});
+        "unexpected_responses": unexpected, "rows_unpublished": unpublished});
     std::fs::write(
         dir.join("outbox-ab.json"),
         serde_json::to_string_pretty(&report).unwrap(),
@@ -157,23 +153,24 @@ pub async fn ab(o: &Options, runner: &Path, urls: (&str, &str), catalog: Catalog
     drop(sides);
     crate::drop_database(&o.server, urls.0).await;
     crate::drop_database(&o.server, urls.1).await;
-    if unexpected == 0 && !missed {
+    if unexpected == 0 && unpublished == 0 && !missed {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
     }
 }
 
-/// One scenario's rounds: (its report, its non-2xx count, whether "on" is within 10% of "off").
+/// One scenario's rounds: (its report, its non-2xx count, whether "on" is within 10% of "off",
+/// rows the sink never received).
 async fn scenario(
     o: &Options,
     sides: &Sides,
     urls: (&str, &str),
     s: &Scenario,
-) -> (serde_json::Value, u64, bool) {
+) -> (serde_json::Value, u64, bool, u64) {
     let (mut off_ratio, mut on_ratio, mut change, mut rounds) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    let mut unexpected = 0;
+    let (mut unexpected, mut unpublished) = (0, 0);
     for round in 1..=o.rounds {
         // The minimal ceiling first, on its own database: none of our code, and no order of
         // ours, so no outbox row that nothing would publish.
@@ -183,9 +180,10 @@ async fn scenario(
                 .unwrap_or_else(|e| panic!("bench: no ceiling, so no figures: {e}"))
                 .best_tps
         });
-        let (a, b, published) = one_round(o, sides, urls, s, round).await;
+        let (a, b, (published, rows)) = one_round(o, sides, urls, s, round).await;
+        unpublished += (rows as u64).saturating_sub(published);
         eprintln!(
-            "bench: outbox round {round}, {} (minimal ceiling {ceiling:.0}): off {}; on {} ({published} events published)",
+            "bench: outbox round {round}, {} (minimal ceiling {ceiling:.0}): off {}; on {} ({published} events published for {rows} rows)",
             s.name,
             report::round_line(&a),
             report::round_line(&b)
@@ -195,7 +193,7 @@ async fn scenario(
         on_ratio.push(b.load.throughput / ceiling);
         change.push(b.load.throughput / a.load.throughput - 1.0);
         rounds.push(json!({"minimal_ceiling_tps": ceiling, "off": a, "on": b,
-            "events_published": published}));
+            "events_published": published, "rows_written": rows}));
     }
     let (off_m, on_m, change_m) = (median(off_ratio), median(on_ratio), median(change));
     let within = change_m >= -0.10;
@@ -211,20 +209,20 @@ async fn scenario(
     );
     let result = json!({"scenario": s.name, "off_ratio": off_m, "on_ratio": on_m,
         "median_change": change_m, "within_10_percent": within, "rounds": rounds});
-    (result, unexpected, within)
+    (result, unexpected, within, unpublished)
 }
 
 /// Both sides once (no ceilings here: pgbench's own-SQL ceiling would write orders, and with
 /// the trigger on, outbox rows nobody publishes); which side goes first alternates by round,
-/// and the outbox drains and is emptied before each, so neither inherits the other's work.
-/// Returns (off, on, events the sink received during "on").
+/// and the outbox is emptied before each, so neither inherits the other's work. Returns (off,
+/// on, (events the sink received for "on", rows "on" wrote)).
 async fn one_round(
     o: &Options,
     sides: &Sides,
     urls: (&str, &str),
     s: &Scenario,
     round: usize,
-) -> (Round, Round, u64) {
+) -> (Round, Round, (u64, i64)) {
     let on_first = round.is_multiple_of(2);
     let (mut off, mut on) = (None, None);
     for side_on in [on_first, !on_first] {
@@ -233,7 +231,7 @@ async fn one_round(
         if side_on {
             let before = sides.sink.received.load(Ordering::Relaxed);
             let r = run_round_with(o, &sides.on, urls, s, false).await;
-            on = Some((r, sides.sink.received.load(Ordering::Relaxed) - before));
+            on = Some((r, wait_published(urls.0, &sides.sink, before).await));
         } else {
             off = Some(run_round_with(o, &sides.off, urls, s, false).await);
         }

@@ -1,15 +1,23 @@
-//! Order events: the outbox's rows (V10) as CloudEvents. A row is written by a trigger in the
-//! transaction that changes the order; after commit, the function that changed it publishes it
-//! to `K_SINK` (binary content mode) and deletes it, off the request's path; what is left
+//! Order events: the outbox's rows (V10, V11) as CloudEvents. A row is written by a trigger in
+//! the transaction that changes the order; after commit, the function that changed it publishes
+//! it to `K_SINK` (binary content mode) and deletes it (a placed row is deleted when its order
+//! leaves PENDING), off the request's path; what is left
 //! behind is published by the processor's sweep ([`publish_left_behind`]). An event's id is
 //! `<order id>:<type>`, the same on every attempt, so a subscriber can tell a redelivery.
 
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+use bytes::Bytes;
+use cloudevents::binding::http::{Builder, Serializer};
 use cloudevents::binding::reqwest::RequestBuilderExt;
+use cloudevents::message::BinaryDeserializer;
 pub use cloudevents::{AttributesReader, Event};
 use cloudevents::{EventBuilder, EventBuilderV10};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper_util::client::legacy::Client as HyperClient;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
 use metrics::counter;
 use tokio_postgres::types::Type;
 
@@ -73,8 +81,7 @@ pub fn read_event(request: &Request) -> Result<Event, ApiError> {
 /// Publishes order events to `K_SINK`, when there is one.
 #[derive(Clone)]
 pub struct Publisher {
-    sink: Option<url::Url>,
-    client: reqwest::Client,
+    sink: Option<Sink>,
     /// Started with the first delivery (a task needs the runtime, and a pool).
     forgetter: Arc<OnceLock<Forgetter>>,
     /// The publishing task's queue, started the same way.
@@ -161,17 +168,130 @@ async fn forget_all(pool: &Pool, rows: &[(i64, &'static str)]) -> Result<(), Str
     Ok(())
 }
 
+/// Where events go, and how. A Knative sink (a Broker's ingress, from a SinkBinding) is plain
+/// HTTP inside the cluster: that goes through hyper's own client, since the publish runs once
+/// per order and reqwest's conveniences (redirects, its URL type, a timeout layer) cost the
+/// order path measurable CPU (`bench --outbox-ab`). An `https://` sink (Knative's transport
+/// encryption) goes through reqwest, for its TLS.
+#[derive(Clone)]
+enum Sink {
+    Plain {
+        uri: http::Uri,
+        client: Box<HyperClient<HttpConnector, Full<Bytes>>>,
+    },
+    Tls {
+        url: url::Url,
+        client: reqwest::Client,
+    },
+}
+
+impl Sink {
+    fn from_url(url: url::Url) -> Option<Self> {
+        match url.scheme() {
+            "http" => {
+                let mut connector = HttpConnector::new();
+                connector.set_nodelay(true);
+                let client = HyperClient::builder(TokioExecutor::new())
+                    .pool_idle_timeout(Duration::from_secs(30))
+                    .pool_max_idle_per_host(PUBLISH_AT_ONCE)
+                    .build(connector);
+                Some(Self::Plain {
+                    uri: url.as_str().parse().ok()?,
+                    client: Box::new(client),
+                })
+            }
+            "https" => Some(Self::Tls {
+                url,
+                client: reqwest::Client::builder()
+                    .timeout(PUBLISH_TIMEOUT)
+                    .build()
+                    .ok()?,
+            }),
+            _ => None,
+        }
+    }
+
+    async fn post(&self, event: Event) -> Result<(), String> {
+        let status = match self {
+            Self::Plain { uri, client } => {
+                let request = binary_request(uri, event)?;
+                let exchange = async {
+                    let response = client.request(request).await.map_err(|e| e.to_string())?;
+                    let status = response.status();
+                    // Read to the end (a sink's answer is small; a larger one is cut off), so
+                    // the connection goes back to the pool for the next event.
+                    let _ = Limited::new(response.into_body(), 64 * 1024)
+                        .collect()
+                        .await;
+                    Ok::<_, String>(status)
+                };
+                tokio::time::timeout(PUBLISH_TIMEOUT, exchange)
+                    .await
+                    .map_err(|_| "the sink did not answer in time".to_string())??
+            }
+            Self::Tls { url, client } => client
+                .post(url.clone())
+                .event(event)
+                .map_err(|e| e.to_string())?
+                .send()
+                .await
+                .map_err(|e| e.to_string())?
+                .status(),
+        };
+        if status.is_success() {
+            Ok(())
+        } else {
+            Err(format!("the sink answered {status}"))
+        }
+    }
+}
+
+/// A binary-mode POST of `event` to `uri`, its `ce-*` headers and body written by the SDK's
+/// HTTP serializer.
+fn binary_request(uri: &http::Uri, event: Event) -> Result<http::Request<Full<Bytes>>, String> {
+    BinaryDeserializer::deserialize_binary(
+        event,
+        Serializer::new(RequestAdapter(Some(http::Request::post(uri.clone())))),
+    )
+    .map_err(|e| e.to_string())
+}
+
+/// The SDK's [`Builder`] for a hyper request (it ships one for responses only).
+struct RequestAdapter(Option<http::request::Builder>);
+
+impl Builder<http::Request<Full<Bytes>>> for RequestAdapter {
+    fn header(&mut self, key: &str, value: http::HeaderValue) {
+        self.0 = self.0.take().map(|b| b.header(key, value));
+    }
+
+    fn body(&mut self, bytes: Vec<u8>) -> cloudevents::message::Result<http::Request<Full<Bytes>>> {
+        // hyper writes the Content-Length from the body's exact size.
+        self.0
+            .take()
+            .ok_or_else(|| other("the request was built twice"))?
+            .body(Full::new(Bytes::from(bytes)))
+            .map_err(|e| other(&e.to_string()))
+    }
+
+    fn finish(&mut self) -> cloudevents::message::Result<http::Request<Full<Bytes>>> {
+        self.body(Vec::new())
+    }
+}
+
+fn other(message: &str) -> cloudevents::message::Error {
+    cloudevents::message::Error::Other {
+        source: message.to_string().into(),
+    }
+}
+
 impl Publisher {
     pub fn from_config(config: &Config) -> Self {
         Self {
             sink: config
                 .k_sink
                 .as_deref()
-                .and_then(|s| url::Url::parse(s).ok()),
-            client: reqwest::Client::builder()
-                .timeout(PUBLISH_TIMEOUT)
-                .build()
-                .unwrap_or_default(),
+                .and_then(|s| url::Url::parse(s).ok())
+                .and_then(Sink::from_url),
             forgetter: Arc::default(),
             outgoing: Arc::default(),
         }
@@ -189,31 +309,23 @@ impl Publisher {
     /// POSTs one event; Ok once the sink took it (2xx).
     pub async fn publish(&self, order_id: i64, event_type: &str) -> Result<(), String> {
         let sink = self.sink.as_ref().ok_or("no K_SINK")?;
-        let event = order_event(order_id, event_type)?;
-        let response = self
-            .client
-            .post(sink.clone())
-            .event(event)
-            .map_err(|e| e.to_string())?
-            .send()
-            .await
-            .map_err(|e| e.to_string())?;
-        if response.status().is_success() {
-            Ok(())
-        } else {
-            Err(format!("the sink answered {}", response.status()))
-        }
+        sink.post(order_event(order_id, event_type)?).await
     }
 
-    /// Publishes one outbox row and deletes it once the sink has it. A failure leaves the
-    /// row for the sweep; it is counted and logged, never the caller's error.
+    /// Publishes one outbox row and deletes it once the sink has it; a placed row is kept
+    /// instead, until the order leaves PENDING (V11: the transaction that confirms, cancels
+    /// or expires the order deletes it), so an order's path runs no delete of its own. A
+    /// failure leaves the row for the sweep; it is counted and logged, never the caller's
+    /// error.
     pub async fn deliver(&self, pool: &Pool, order_id: i64, event_type: &str) {
         if !self.enabled() {
             return;
         }
         match self.publish(order_id, event_type).await {
             Ok(()) => {
-                self.forgetter(pool).forget(order_id, event_type);
+                if event_type != PLACED {
+                    self.forgetter(pool).forget(order_id, event_type);
+                }
                 counter!("tally_events_published_total", "type" => short(event_type)).increment(1)
             }
             Err(e) => {
@@ -231,20 +343,9 @@ impl Publisher {
             return;
         }
         let outgoing = self.outgoing.get_or_init(|| {
-            let (queue, mut events) = tokio::sync::mpsc::channel(PUBLISH_QUEUE);
+            let (queue, events) = tokio::sync::mpsc::channel(PUBLISH_QUEUE);
             let (publisher, pool) = (self.clone(), pool.clone());
-            tokio::spawn(async move {
-                use futures_util::StreamExt;
-                let mut batch = Vec::with_capacity(PUBLISH_AT_ONCE * 4);
-                while events.recv_many(&mut batch, PUBLISH_AT_ONCE * 4).await > 0 {
-                    futures_util::stream::iter(batch.drain(..))
-                        .for_each_concurrent(PUBLISH_AT_ONCE, |(order_id, event_type)| {
-                            let (publisher, pool) = (&publisher, &pool);
-                            async move { publisher.deliver(pool, order_id, event_type).await }
-                        })
-                        .await;
-                }
-            });
+            tokio::spawn(publish_all(publisher, pool, events));
             queue
         });
         // A sink that is down or slow fills the queue: past it, the row simply waits for the
@@ -252,6 +353,24 @@ impl Publisher {
         if outgoing.try_send((order_id, event_type)).is_err() {
             counter!("tally_events_deferred_total").increment(1);
         }
+    }
+}
+
+/// The publishing task: events from the queue, [`PUBLISH_AT_ONCE`] in flight at a time.
+async fn publish_all(
+    publisher: Publisher,
+    pool: Pool,
+    mut events: tokio::sync::mpsc::Receiver<(i64, &'static str)>,
+) {
+    use futures_util::StreamExt;
+    let mut batch = Vec::with_capacity(PUBLISH_AT_ONCE * 4);
+    while events.recv_many(&mut batch, PUBLISH_AT_ONCE * 4).await > 0 {
+        futures_util::stream::iter(batch.drain(..))
+            .for_each_concurrent(PUBLISH_AT_ONCE, |(order_id, event_type)| {
+                let (publisher, pool) = (&publisher, &pool);
+                async move { publisher.deliver(pool, order_id, event_type).await }
+            })
+            .await;
     }
 }
 
@@ -274,8 +393,9 @@ fn short(event_type: &str) -> &'static str {
 
 /// Publishes up to `limit` outbox rows, oldest first, deleting each once the sink has it:
 /// placed and cancelled ones once they are older than `grace` (the function that wrote them
-/// publishes them itself, and had that long), the processor's own (confirmed, expired,
-/// failed) at once, since the processor is their publisher. Returns how many went out; stops at the
+/// publishes them itself, and had that long; a placed row that old is unpublished, or
+/// published and its order not yet handled, and goes out again), the processor's own
+/// (confirmed, expired, failed) at once, since the processor is their publisher. Returns how many went out; stops at the
 /// first failure (the sink is likely down; the rest wait for the next sweep).
 pub async fn publish_left_behind(
     pool: &Pool,

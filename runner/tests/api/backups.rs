@@ -221,7 +221,7 @@ async fn a_restore_brings_back_every_table_exactly_as_backed_up() {
 
     let report = dump::backup(&app.db_url, &s3.config()).await.unwrap();
     assert_eq!(report.manifest.row_counts["public.orders"], 2);
-    assert_eq!(report.manifest.migration_version, Some(10));
+    assert_eq!(report.manifest.migration_version, Some(11));
     assert_eq!(report.manifest.sha256.len(), 64);
 
     // Change and delete data after the backup.
