@@ -278,8 +278,7 @@ impl Config {
                 .ok_or_else(|| ConfigError(format!("K_SINK={sink:?} is not an http(s) URL")))?;
         }
         if let Some(url) = &self.database_url {
-            url.parse::<tokio_postgres::Config>()
-                .map_err(|_| ConfigError("DATABASE_URL is not a valid PostgreSQL URL".into()))?;
+            crate::pg::target(url).map_err(|e| ConfigError(format!("DATABASE_URL: {e}")))?;
         }
         Ok(self)
     }

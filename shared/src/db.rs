@@ -1,26 +1,29 @@
 //! The Postgres pool: built lazily so that a cold start never waits for the database.
 
 use bb8_postgres::PostgresConnectionManager;
-use tokio_postgres::NoTls;
 
 use crate::config::{Config, ConfigError};
+use crate::pg::Tls;
 
-pub type Pool = bb8::Pool<PostgresConnectionManager<NoTls>>;
-pub type Connection<'a> = bb8::PooledConnection<'a, PostgresConnectionManager<NoTls>>;
+pub type Pool = bb8::Pool<PostgresConnectionManager<Tls>>;
+pub type Connection<'a> = bb8::PooledConnection<'a, PostgresConnectionManager<Tls>>;
 
 /// Builds the pool without opening a connection. The first request opens one; a request that
 /// cannot get one within `POOL_TIMEOUT_MS` is answered 503, and the pool keeps trying, so the
 /// function recovers by itself when Postgres comes back.
 pub fn lazy_pool(config: &Config, application_name: &str) -> Result<Pool, ConfigError> {
     let url = config.require_database_url()?;
-    let mut pg: tokio_postgres::Config = url
-        .parse()
-        .map_err(|_| ConfigError::new("DATABASE_URL is not a valid PostgreSQL URL"))?;
+    // sslmode and sslrootcert as libpq reads them (pg.rs): TLS unless the URL says disable.
+    let crate::pg::Target {
+        config: mut pg,
+        tls,
+        ..
+    } = crate::pg::target(url).map_err(|e| ConfigError::new(format!("DATABASE_URL: {e}")))?;
     pg.connect_timeout(config.connect_timeout());
     pg.application_name(application_name);
     // No startup options: statement_timeout and the other session limits are set on the role
     // (crate::roles), which PgBouncer cannot drop the way it drops startup parameters.
-    let manager = PostgresConnectionManager::new(pg, NoTls);
+    let manager = PostgresConnectionManager::new(pg, tls);
     Ok(bb8::Pool::builder()
         .max_size(config.pool_size)
         .min_idle(None)

@@ -21,7 +21,7 @@ const MIGRATION_LOCK: i64 = 0x7a11_0001;
 #[derive(Debug, thiserror::Error)]
 pub enum MigrateError {
     #[error("cannot connect to the database: {0}")]
-    Connect(#[source] tokio_postgres::Error),
+    Connect(#[source] crate::pg::ConnectError),
     #[error("database error while migrating: {0}")]
     Database(#[from] tokio_postgres::Error),
     #[error("migration failed: {0}")]

@@ -1,21 +1,369 @@
-//! PostgreSQL outside the pool, in one place: a URL naming another database or shown without
-//! its password, a client connection with its driver task running, and where the server and
-//! client binaries are.
+//! PostgreSQL in one place: a database URL read as libpq reads it (`sslmode` and
+//! `sslrootcert` included, as TLS through rustls), a client connection with its driver task
+//! running, a URL naming another database or shown without its password, and where the server
+//! and client binaries are.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::Arc;
 
-use tokio_postgres::{Client, NoTls};
+use rustls::client::WebPkiServerVerifier;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::{CryptoProvider, verify_tls12_signature, verify_tls13_signature};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{
+    CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme,
+};
+use tokio_postgres::Client;
+/// The TLS every connection is made with (the pool's and [`connect`]'s).
+pub use tokio_postgres_rustls::MakeRustlsConnect as Tls;
+
+/// Why [`connect`] failed: the URL, before anything was sent, or the connection.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error(transparent)]
+    Url(#[from] UrlError),
+    /// With its causes: the driver's "error performing TLS handshake" alone does not say that
+    /// the certificate's issuer is unknown, or that it names another host.
+    #[error("{}", with_causes(.0))]
+    Db(#[from] tokio_postgres::Error),
+}
+
+/// An error and each of its sources, `: `-separated.
+fn with_causes(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.ends_with(&cause_text) {
+            text = format!("{text}: {cause_text}");
+        }
+        source = cause.source();
+    }
+    text
+}
 
 /// A client for `url`, its connection driven on a task of its own until the client is dropped.
-pub async fn connect(url: &str) -> Result<Client, tokio_postgres::Error> {
-    let (client, connection) = tokio_postgres::connect(url, NoTls).await?;
+pub async fn connect(url: &str) -> Result<Client, ConnectError> {
+    let target = target(url)?;
+    let (client, connection) = target.config.connect(target.tls).await?;
     tokio::spawn(async move {
         if let Err(e) = connection.await {
             tracing::debug!(error = %e, "a PostgreSQL connection ended with an error");
         }
     });
     Ok(client)
+}
+
+/// libpq's `sslmode`, honoured as libpq does (see [`target`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SslMode {
+    Disable,
+    Allow,
+    Prefer,
+    Require,
+    VerifyCa,
+    VerifyFull,
+}
+
+impl SslMode {
+    fn parse(value: &str) -> Result<Self, UrlError> {
+        Ok(match value {
+            "disable" => Self::Disable,
+            "allow" => Self::Allow,
+            "prefer" => Self::Prefer,
+            "require" => Self::Require,
+            "verify-ca" => Self::VerifyCa,
+            "verify-full" => Self::VerifyFull,
+            other => return Err(UrlError::SslMode(other.to_owned())),
+        })
+    }
+}
+
+/// What is wrong with a database URL, in words an operator can act on.
+#[derive(Debug, thiserror::Error)]
+pub enum UrlError {
+    #[error("the database URL is not a valid PostgreSQL URL")]
+    Invalid,
+    #[error("sslmode={0:?} is not one of disable, allow, prefer, require, verify-ca, verify-full")]
+    SslMode(String),
+    #[error(
+        "sslmode={0} verifies the server's certificate, so it needs the CA that signed it: set \
+         sslrootcert to a PEM file (or sslrootcert=system for the system's roots), or put it in \
+         ~/.postgresql/root.crt"
+    )]
+    NoRootCert(&'static str),
+    #[error("sslrootcert={path}: {reason}")]
+    RootCert { path: String, reason: String },
+}
+
+/// A database URL ready to connect: the driver's settings, and the TLS its `sslmode` asks for.
+pub struct Target {
+    pub config: tokio_postgres::Config,
+    pub tls: Tls,
+    pub ssl_mode: SslMode,
+}
+
+/// Parses a database URL (or key/value string) the way libpq reads it, TLS included. The
+/// driver refuses `verify-ca`, `verify-full` and `sslrootcert`, so both are taken out here
+/// first and become the TLS configuration:
+///
+/// - `disable`: no TLS. `allow` and `prefer` (the default, as in libpq): TLS when the server
+///   offers it, the certificate not checked. `require`: TLS or no connection; the certificate
+///   is checked against `sslrootcert` when one is given (libpq does the same with a root file).
+/// - `verify-ca`: the certificate must chain to `sslrootcert`. `verify-full`: and name the host.
+///
+/// `sslrootcert=system` means the system's roots; without it, `~/.postgresql/root.crt`.
+pub fn target(url: &str) -> Result<Target, UrlError> {
+    let (rest, mode, root) = take_tls_settings(url);
+    let mut config: tokio_postgres::Config = rest.parse().map_err(|_| UrlError::Invalid)?;
+    let mode = mode
+        .as_deref()
+        .map_or(Ok(SslMode::Prefer), SslMode::parse)?;
+    use tokio_postgres::config::SslMode as Driver;
+    config.ssl_mode(match mode {
+        SslMode::Disable => Driver::Disable,
+        SslMode::Allow | SslMode::Prefer => Driver::Prefer,
+        SslMode::Require | SslMode::VerifyCa | SslMode::VerifyFull => Driver::Require,
+    });
+    let tls = Tls::new(client_config(mode, root.as_deref())?);
+    Ok(Target {
+        config,
+        tls,
+        ssl_mode: mode,
+    })
+}
+
+/// (the URL without `sslmode` and `sslrootcert`, their values), from a URL's query or a
+/// key/value string.
+fn take_tls_settings(url: &str) -> (String, Option<String>, Option<String>) {
+    let (mut mode, mut root) = (None, None);
+    let mut take = |key: &str, value: String| match key {
+        "sslmode" => {
+            mode = Some(value);
+            true
+        }
+        "sslrootcert" => {
+            root = Some(value);
+            true
+        }
+        _ => false,
+    };
+    let rest = if url.contains("://") {
+        match url.split_once('?') {
+            None => url.to_owned(),
+            Some((base, query)) => {
+                let kept: Vec<&str> = query
+                    .split('&')
+                    .filter(|pair| {
+                        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+                        let value = percent_encoding::percent_decode_str(value)
+                            .decode_utf8_lossy()
+                            .into_owned();
+                        !take(key, value)
+                    })
+                    .collect();
+                if kept.is_empty() {
+                    base.to_owned()
+                } else {
+                    format!("{base}?{}", kept.join("&"))
+                }
+            }
+        }
+    } else {
+        url.split_whitespace()
+            .filter(|token| {
+                let (key, value) = token.split_once('=').unwrap_or((token, ""));
+                !take(key, value.trim_matches('\'').to_owned())
+            })
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    (rest, mode, root)
+}
+
+/// How much of the server's certificate is checked.
+enum Check {
+    Nothing,
+    Chain(RootCertStore),
+    ChainAndName(RootCertStore),
+}
+
+fn client_config(mode: SslMode, root: Option<&str>) -> Result<ClientConfig, UrlError> {
+    let default_root = || {
+        std::env::var_os("HOME")
+            .map(|home| Path::new(&home).join(".postgresql/root.crt"))
+            .filter(|p| p.is_file())
+            .map(|p| p.to_string_lossy().into_owned())
+    };
+    let check = match mode {
+        SslMode::Disable | SslMode::Allow | SslMode::Prefer => Check::Nothing,
+        SslMode::Require => match root.map(str::to_owned).or_else(default_root) {
+            Some(root) => Check::Chain(roots(&root)?),
+            None => Check::Nothing,
+        },
+        SslMode::VerifyCa | SslMode::VerifyFull => {
+            let root =
+                root.map(str::to_owned)
+                    .or_else(default_root)
+                    .ok_or(UrlError::NoRootCert(if mode == SslMode::VerifyCa {
+                        "verify-ca"
+                    } else {
+                        "verify-full"
+                    }))?;
+            if mode == SslMode::VerifyCa {
+                Check::Chain(roots(&root)?)
+            } else {
+                Check::ChainAndName(roots(&root)?)
+            }
+        }
+    };
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| UrlError::RootCert {
+            path: String::new(),
+            reason: e.to_string(),
+        })?;
+    let webpki = |roots: RootCertStore| {
+        WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+            .build()
+            .map_err(|e| UrlError::RootCert {
+                path: root.unwrap_or_default().to_owned(),
+                reason: e.to_string(),
+            })
+    };
+    let verifier: Arc<dyn ServerCertVerifier> = match check {
+        Check::Nothing => Arc::new(AnyCertificate(provider.clone())),
+        Check::Chain(roots) => Arc::new(ChainOnly(webpki(roots)?)),
+        Check::ChainAndName(roots) => webpki(roots)?,
+    };
+    Ok(builder
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_no_client_auth())
+}
+
+/// The CA certificates in a PEM file, or the system's (`system`).
+fn roots(path: &str) -> Result<RootCertStore, UrlError> {
+    let fail = |reason: String| UrlError::RootCert {
+        path: path.to_owned(),
+        reason,
+    };
+    let certs: Vec<CertificateDer<'static>> = if path == "system" {
+        let found = rustls_native_certs::load_native_certs();
+        found.certs
+    } else {
+        CertificateDer::pem_file_iter(path)
+            .map_err(|e| fail(e.to_string()))?
+            .collect::<Result<_, _>>()
+            .map_err(|e| fail(e.to_string()))?
+    };
+    let mut store = RootCertStore::empty();
+    let (added, _) = store.add_parsable_certificates(certs);
+    if added == 0 {
+        return Err(fail("holds no CA certificate".into()));
+    }
+    Ok(store)
+}
+
+/// `require` without a root, `prefer`, `allow`: encrypted, and the server not authenticated,
+/// as in libpq. The handshake's signatures are still checked (the key exchange stays sound).
+#[derive(Debug)]
+struct AnyCertificate(Arc<CryptoProvider>);
+
+impl ServerCertVerifier for AnyCertificate {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// `verify-ca`: the chain must lead to a given root; the name in it is not compared with the
+/// host (libpq's meaning: for servers reached by an address their certificate does not name).
+#[derive(Debug)]
+struct ChainOnly(Arc<WebPkiServerVerifier>);
+
+impl ServerCertVerifier for ChainOnly {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        match self
+            .0
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+        {
+            Err(rustls::Error::InvalidCertificate(
+                CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
+            )) => Ok(ServerCertVerified::assertion()),
+            other => other,
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.supported_verify_schemes()
+    }
 }
 
 /// The same URL naming another database; user, password, host and parameters are kept. A

@@ -109,9 +109,9 @@ fn percent_decode(s: &str) -> String {
 
 /// The database a URL names (libpq's default: the user name).
 pub fn database_name(url: &str) -> Result<String, BackupError> {
-    let config: tokio_postgres::Config = url
-        .parse()
-        .map_err(|_| BackupError::Config("DATABASE_URL is not a valid PostgreSQL URL".into()))?;
+    let config = tally_shared::pg::target(url)
+        .map_err(|e| BackupError::Config(format!("DATABASE_URL: {e}")))?
+        .config;
     config
         .get_dbname()
         .or(config.get_user())

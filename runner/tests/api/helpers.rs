@@ -198,6 +198,40 @@ pub fn as_app(db_url: &str) -> String {
     tally_shared::pg::with_user(db_url, &roles.names.app, Some(&roles.password))
 }
 
+/// `url` through the PgBouncer that `TEST_POOLER_URL` names (`.ci/pgbouncer.sh`: transaction
+/// mode, in front of the tests' server), when `url` is on that server; otherwise `url` as it
+/// is (a test's private cluster, or no pooler). Only the functions' own connections go
+/// through it: migrations, seeding and the tests' checks connect directly, as migrate and
+/// backup do in production.
+pub fn through_pooler(url: &str) -> String {
+    let Ok(pooler) = std::env::var("TEST_POOLER_URL") else {
+        return url.to_owned();
+    };
+    let Some((start, end)) = host_and_port(url) else {
+        return url.to_owned();
+    };
+    let (server, pooler_at) = (admin_url(), host_and_port(&pooler));
+    let on_the_server = host_and_port(server).is_some_and(|(s, e)| server[s..e] == url[start..end]);
+    match pooler_at {
+        Some((ps, pe)) if on_the_server => {
+            format!("{}{}{}", &url[..start], &pooler[ps..pe], &url[end..])
+        }
+        _ => url.to_owned(),
+    }
+}
+
+/// Where a `postgres://` URL's `host:port` is: after the user info, before the path.
+fn host_and_port(url: &str) -> Option<(usize, usize)> {
+    let scheme_end = url.find("://")? + 3;
+    let authority_end = url[scheme_end..]
+        .find(['/', '?'])
+        .map_or(url.len(), |i| scheme_end + i);
+    let start = url[scheme_end..authority_end]
+        .rfind('@')
+        .map_or(scheme_end, |at| scheme_end + at + 1);
+    Some((start, authority_end))
+}
+
 /// `db_url` connecting as this run's read-only role.
 pub fn as_readonly(db_url: &str) -> String {
     let roles = run_roles();
@@ -364,7 +398,7 @@ pub fn test_config(db_url: &str, extra: &[(&str, &str)]) -> Config {
     // The app role, and no metrics port (parallel servers would contend for one), unless the
     // test says otherwise; what it says wins.
     let mut vars: std::collections::BTreeMap<String, String> = [
-        ("DATABASE_URL", as_app(db_url)),
+        ("DATABASE_URL", through_pooler(&as_app(db_url))),
         ("POOL_SIZE", "8".into()),
         ("SHUTDOWN_GRACE_SECS", "5".into()),
         ("JWT_LEEWAY_SECS", "0".into()),

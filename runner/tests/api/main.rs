@@ -25,3 +25,4 @@ mod products;
 mod schema_compat;
 mod shards;
 mod storms;
+mod tls;

@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# The request paths through a real PgBouncer in transaction mode (what DigitalOcean's connection
+# pools and CloudNativePG's Pooler are): a PgBouncer on a free loopback port in front of the
+# tests' server, and the tests that storm, retry, process and fault run with every function's
+# connections going through it (TEST_POOLER_URL; runner/tests/api/helpers.rs). Migrations,
+# seeding and the tests' own checks connect directly, as migrate and backup do in production.
+# Exact counts, as in the plain run. Not part of the README's `cargo test`.
+#
+#   TEST_DATABASE_URL=postgres://postgres@127.0.0.1:5432/postgres bash .ci/pgbouncer.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+: "${TEST_DATABASE_URL:?the tests server, e.g. postgres://postgres@127.0.0.1:5432/postgres}"
+if ! command -v pgbouncer >/dev/null 2>&1 && [ ! -x /usr/sbin/pgbouncer ]; then
+  timeout 600 apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive timeout 900 apt-get install -y -qq --no-install-recommends pgbouncer
+fi
+bouncer=$(command -v pgbouncer || echo /usr/sbin/pgbouncer)
+"$bouncer" --version | head -1
+
+# The server behind it: host and port of TEST_DATABASE_URL.
+authority=${TEST_DATABASE_URL#*://}
+authority=${authority%%/*}
+authority=${authority##*@}
+server_host=${authority%:*}
+server_port=${authority##*:}
+port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+dir=$(mktemp -d /tmp/tally-pgbouncer.XXXXXX)
+chmod 755 "$dir"
+cleanup() {
+  [ -f "$dir/pgbouncer.pid" ] && kill "$(cat "$dir/pgbouncer.pid")" 2>/dev/null || true
+  rm -rf "$dir"
+}
+trap cleanup EXIT
+
+# Clients authenticate with SCRAM against the secrets the server keeps (auth_query, as the
+# superuser the tests already use); PgBouncer then logs in to the server as them.
+cat > "$dir/userlist.txt" <<USERS
+"postgres" ""
+USERS
+cat > "$dir/pgbouncer.ini" <<INI
+[databases]
+* = host=$server_host port=$server_port
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = $port
+unix_socket_dir =
+auth_type = scram-sha-256
+auth_file = $dir/userlist.txt
+auth_user = postgres
+auth_query = SELECT usename, passwd FROM pg_shadow WHERE usename = \$1
+pool_mode = transaction
+max_client_conn = 2000
+default_pool_size = 20
+max_db_connections = 40
+server_reset_query =
+logfile = $dir/pgbouncer.log
+pidfile = $dir/pgbouncer.pid
+INI
+as_user=()
+if [ "$(id -u)" = 0 ]; then
+  # PgBouncer refuses to run as root.
+  chown -R postgres "$dir"
+  as_user=(runuser -u postgres --)
+fi
+timeout 30 "${as_user[@]}" "$bouncer" -d "$dir/pgbouncer.ini"
+for _ in $(seq 50); do
+  psql "postgres://postgres@127.0.0.1:$port/postgres" -qAtc 'SELECT 1' >/dev/null 2>&1 && break
+  sleep 0.1
+done
+echo "PgBouncer on 127.0.0.1:$port, transaction mode, in front of $server_host:$server_port"
+
+export TEST_POOLER_URL="postgres://127.0.0.1:$port"
+# storms: concurrent orders with exact counts; keyed_writes and orders: Idempotency-Key;
+# processor and events: claims, confirmations, redelivery; faults: SIGTERM and a database that
+# goes away (those on a private cluster of their own connect to it directly).
+status=0
+timeout 1800 cargo test -p tally --test api -- storms:: keyed_writes:: orders:: processor:: events:: faults:: || status=$?
+if [ "$status" != 0 ]; then
+  echo "--- pgbouncer.log (last 40 lines)"
+  tail -40 "$dir/pgbouncer.log" || true
+fi
+exit "$status"
