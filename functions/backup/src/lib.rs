@@ -138,6 +138,13 @@ pub enum BackupCommand {
     },
     /// Back up, restore into a scratch database, verify, drop it (the weekly drill).
     Drill,
+    /// The restore's checks on a database as it is (after a point-in-time recovery): the
+    /// books balance, and its rows per table. Exit 1 when they do not.
+    Verify {
+        /// The database to check [default: DATABASE_URL].
+        #[arg(long, value_name = "URL")]
+        target_db: Option<String>,
+    },
     /// The finished backups, oldest first.
     List {
         /// The backed-up database [default: the one in DATABASE_URL].
@@ -179,6 +186,7 @@ pub fn run(command: Option<BackupCommand>) -> ExitCode {
                 BackupCommand::Run => "run",
                 BackupCommand::Restore { .. } => "restore",
                 BackupCommand::Drill => "drill",
+                BackupCommand::Verify { .. } => "verify",
                 BackupCommand::List { .. } => "list",
             };
             tracing::error!(error = %e, command = name, "backup command failed");
@@ -192,22 +200,28 @@ pub fn run(command: Option<BackupCommand>) -> ExitCode {
 }
 
 async fn execute(command: &BackupCommand, config: &Config) -> Result<String, BackupError> {
-    let store: StoreConfig = app::settings()?;
     let source = || {
         config
             .database_url
             .clone()
             .ok_or_else(|| BackupError::Config("missing environment variable DATABASE_URL".into()))
     };
+    // Read per command: `verify` needs no object store.
+    let settings = || -> Result<StoreConfig, BackupError> { Ok(app::settings()?) };
     let named = |database: &Option<String>| match database {
         Some(d) => Ok(d.clone()),
         None => pg::database_name(&source()?),
     };
     let json = |v: &dyn erased::Json| v.to_json();
     match command {
-        BackupCommand::Run => Ok(json(&dump::backup(&source()?, &store).await?)),
-        BackupCommand::Drill => Ok(json(&restore::drill(&source()?, &store).await?)),
+        BackupCommand::Run => Ok(json(&dump::backup(&source()?, &settings()?).await?)),
+        BackupCommand::Drill => Ok(json(&restore::drill(&source()?, &settings()?).await?)),
+        BackupCommand::Verify { target_db } => {
+            let target = target_db.clone().map_or_else(source, Ok)?;
+            Ok(json(&restore::verify_database(&target).await?))
+        }
         BackupCommand::List { database } => {
+            let store = settings()?;
             let handle = store.open()?;
             let keys =
                 store::list_manifests(handle.as_ref(), &store.backup_prefix, &named(database)?)
@@ -233,8 +247,14 @@ async fn execute(command: &BackupCommand, config: &Config) -> Result<String, Bac
                 replace_live: *replace_live,
                 from_other_source: *from_other_source,
             };
-            let report =
-                restore::restore(&store, &named(database)?, &selector, target_db, options).await?;
+            let report = restore::restore(
+                &settings()?,
+                &named(database)?,
+                &selector,
+                target_db,
+                options,
+            )
+            .await?;
             Ok(json(&report))
         }
     }

@@ -759,3 +759,24 @@ async fn a_restore_refuses_a_target_in_use_and_a_backup_of_another_database() {
         .await
         .unwrap();
 }
+
+/// `backup verify`, the point-in-time drill's check: a database as it is, no manifest.
+#[tokio::test]
+async fn verify_reports_the_rows_of_a_balanced_database_and_refuses_a_drifted_one() {
+    let app = TestApp::spawn().await;
+    assert_eq!(app.order(1, &[(1, 2)]).await.status, 201);
+    let report = restore::verify_database(&app.db_url).await.unwrap();
+    assert!(report.books_balance);
+    assert_eq!(report.row_counts["public.orders"], 1);
+    assert_eq!(report.row_counts["public.order_items"], 1);
+    // Stock changed behind the ledger's back: the drill must say so.
+    app.db
+        .batch_execute("UPDATE products SET inventory = inventory + 1 WHERE id = 1")
+        .await
+        .unwrap();
+    let err = restore::verify_database(&app.db_url).await.unwrap_err();
+    assert!(
+        err.to_string().contains("differs from their ledger"),
+        "{err}"
+    );
+}
