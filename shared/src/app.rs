@@ -85,13 +85,17 @@ impl App {
     /// Tokio runtime (the pool's reaper is a task).
     pub fn state(&self, config: Config) -> Result<AppState, String> {
         let pool = db::lazy_pool(&config, self.name).map_err(|e| e.to_string())?;
+        let read_pool = (config.database_url_read.as_deref())
+            .map(|url| db::lazy_pool_at(&config, url, self.name))
+            .transpose()
+            .map_err(|e| e.to_string())?;
         let mut extensions = http::Extensions::new();
         for read in &self.settings {
             extensions = read(extensions)?;
         }
-        Ok(AppState::new(pool, config)
-            .map_err(|e| e.to_string())?
-            .with_extensions(extensions))
+        let mut state = AppState::new(pool, config).map_err(|e| e.to_string())?;
+        state.read_pool = read_pool;
+        Ok(state.with_extensions(extensions))
     }
 }
 

@@ -12,6 +12,16 @@ use serde::Deserialize;
 pub struct Config {
     /// Required by every deployed function; the local runner starts its own Postgres without it.
     pub database_url: Option<String>,
+    /// A standby for list-products and get-order (`replica.rs`); unset, they read the primary.
+    pub database_url_read: Option<String>,
+    /// Whether successful writes answer `Tally-Commit-Lsn` (one more statement each), which
+    /// a read sends back to read its own write from the replica. Required with
+    /// `DATABASE_URL_READ`; set it for every function (the shared ConfigMap does).
+    #[serde(default)]
+    pub commit_lsn: bool,
+    /// How long a read naming an LSN waits for the replica before it asks the primary.
+    #[serde(default = "defaults::read_lsn_wait_ms")]
+    pub read_lsn_wait_ms: u64,
     /// Set by the Lambda service (or anything speaking its Runtime API): where this process
     /// runs, a deployment fact like any other setting.
     #[serde(default)]
@@ -132,6 +142,9 @@ mod defaults {
     }
     pub fn pool_size() -> u32 {
         4
+    }
+    pub fn read_lsn_wait_ms() -> u64 {
+        200
     }
     pub fn pool_timeout_ms() -> u64 {
         2_000
@@ -280,6 +293,17 @@ impl Config {
         if let Some(url) = &self.database_url {
             crate::pg::target(url).map_err(|e| ConfigError(format!("DATABASE_URL: {e}")))?;
         }
+        if let Some(url) = &self.database_url_read {
+            crate::pg::target(url).map_err(|e| ConfigError(format!("DATABASE_URL_READ: {e}")))?;
+            if !self.commit_lsn {
+                return Err(ConfigError(
+                    "DATABASE_URL_READ needs COMMIT_LSN=true on every function (the shared \
+                     ConfigMap): without it no write answers Tally-Commit-Lsn, and no client \
+                     can read its own writes from the replica"
+                        .into(),
+                ));
+            }
+        }
         Ok(self)
     }
 
@@ -327,6 +351,10 @@ impl Config {
         self.database_url
             .as_deref()
             .ok_or_else(|| ConfigError("missing environment variable DATABASE_URL".into()))
+    }
+
+    pub fn read_lsn_wait(&self) -> Duration {
+        Duration::from_millis(self.read_lsn_wait_ms)
     }
 
     pub fn pool_timeout(&self) -> Duration {

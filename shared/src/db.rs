@@ -12,7 +12,15 @@ pub type Connection<'a> = bb8::PooledConnection<'a, PostgresConnectionManager<Tl
 /// cannot get one within `POOL_TIMEOUT_MS` is answered 503, and the pool keeps trying, so the
 /// function recovers by itself when Postgres comes back.
 pub fn lazy_pool(config: &Config, application_name: &str) -> Result<Pool, ConfigError> {
-    let url = config.require_database_url()?;
+    lazy_pool_at(config, config.require_database_url()?, application_name)
+}
+
+/// [`lazy_pool`] for another URL than `DATABASE_URL` (the replica's), with the same settings.
+pub fn lazy_pool_at(
+    config: &Config,
+    url: &str,
+    application_name: &str,
+) -> Result<Pool, ConfigError> {
     // sslmode and sslrootcert as libpq reads them (pg.rs): TLS unless the URL says disable.
     let crate::pg::Target {
         config: mut pg,

@@ -50,6 +50,7 @@ pub mod lambda;
 pub mod meters;
 pub mod migrate;
 pub mod pg;
+pub mod replica;
 pub mod roles;
 pub mod router;
 pub mod runtime;

@@ -27,6 +27,8 @@ pub type Handler = Arc<dyn Fn(Request, AppState) -> HandlerFuture + Send + Sync>
 #[derive(Clone)]
 pub struct AppState {
     pub pool: Pool,
+    /// The replica's pool (`DATABASE_URL_READ`), for the reads that may use it (`replica.rs`).
+    pub read_pool: Option<Pool>,
     pub config: Arc<Config>,
     /// None only where no key is configured; then every authenticated route answers 401.
     pub verifier: Option<Arc<Verifier>>,
@@ -46,6 +48,7 @@ impl AppState {
         let verifier = Verifier::from_config(&config)?.map(Arc::new);
         Ok(Self {
             pool,
+            read_pool: None,
             events: crate::events::Publisher::from_config(&config),
             config: Arc::new(config),
             verifier,
@@ -204,7 +207,12 @@ impl Router {
                         };
                     }
                     request.extensions_mut().insert(params);
-                    return ((route.handler)(request, state).await, route.pattern);
+                    let method = request.method().clone();
+                    let mut result = (route.handler)(request, state.clone()).await;
+                    if let Ok(response) = &mut result {
+                        crate::replica::stamp(&state, &method, response).await;
+                    }
+                    return (result, route.pattern);
                 }
                 allowed.push(route.method.clone());
             }

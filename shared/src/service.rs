@@ -135,7 +135,7 @@ fn cors(
             header::ACCESS_CONTROL_ALLOW_HEADERS,
             HeaderValue::from_static(
                 "authorization, content-type, idempotency-key, if-match, if-none-match, \
-                 traceparent, x-request-id",
+                 tally-min-lsn, traceparent, x-request-id",
             ),
         );
         headers.insert(
@@ -146,7 +146,8 @@ fn cors(
         headers.insert(
             header::ACCESS_CONTROL_EXPOSE_HEADERS,
             HeaderValue::from_static(
-                "etag, link, location, retry-after, x-request-id, idempotent-replayed",
+                "etag, link, location, retry-after, x-request-id, idempotent-replayed, \
+                 tally-commit-lsn",
             ),
         );
     }

@@ -26,6 +26,19 @@ pub async fn query(
     Ok(meters::timed(name, conn.query_typed(sql, params)).await?)
 }
 
+/// [`query`] for a read that may go to the replica (`replica.rs`): the request's
+/// `Tally-Min-Lsn` decides where.
+pub async fn read(
+    state: &AppState,
+    request: &crate::http::Request,
+    name: &'static str,
+    sql: &str,
+    params: &Params<'_>,
+) -> Result<Vec<Row>, ApiError> {
+    let conn = crate::replica::reader(state, request).await?;
+    Ok(meters::timed(name, conn.query_typed(sql, params)).await?)
+}
+
 /// [`query`] for a statement that always answers one row: none is a bug, not a 404.
 pub async fn query_one(
     state: &AppState,

@@ -18,7 +18,15 @@ const ORDER_SQL: &str = "SELECT user_id, body FROM order_document($1)";
 pub async fn get_order(request: Request, state: AppState) -> HandlerResult {
     let caller = auth::principal(&request)?;
     let id = path_id(&request, "id")?;
-    let rows = sql::query(&state, "order_document", ORDER_SQL, &[(&id, Type::INT8)]).await?;
+    // From the replica when there is one, caught up to the caller's last write if it says so.
+    let rows = sql::read(
+        &state,
+        &request,
+        "order_document",
+        ORDER_SQL,
+        &[(&id, Type::INT8)],
+    )
+    .await?;
     let row = rows.first().ok_or(ApiError::NotFound)?;
     // Someone else's order is answered exactly as a missing one: its existence is not revealed.
     if !caller.may_access(row.get(0)) {

@@ -78,7 +78,7 @@ pub async fn list_products(
         (&page.after_id, Type::INT8),
         (&(page.limit + 1), Type::INT8),
     ];
-    let rows = sql::query(&state, "list_products", LIST_SQL, &params).await?;
+    let rows = sql::read(&state, &request, "list_products", LIST_SQL, &params).await?;
     let has_more = rows.len() as i64 > page.limit;
     let products: Vec<Product> = rows
         .iter()
@@ -104,7 +104,14 @@ pub async fn list_products(
 
 pub async fn get_product(request: Request, state: AppState) -> tally_shared::router::HandlerResult {
     let id = path_id(&request, "id")?;
-    let rows = sql::query(&state, "get_product", GET_SQL, &[(&id, Type::INT8)]).await?;
+    let rows = sql::read(
+        &state,
+        &request,
+        "get_product",
+        GET_SQL,
+        &[(&id, Type::INT8)],
+    )
+    .await?;
     let product = rows.first().map(Product::from).ok_or(ApiError::NotFound)?;
     let body = serde_json::to_vec(&product)
         .map_err(|e| ApiError::Internal(format!("serialising a product: {e}")))?;

@@ -22,6 +22,7 @@ mod orders;
 mod privileges;
 mod processor;
 mod products;
+mod replica;
 mod schema_compat;
 mod shards;
 mod storms;
