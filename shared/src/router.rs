@@ -141,6 +141,16 @@ pub struct Router {
     routes: Vec<Route>,
 }
 
+/// Runs a route's handler; a successful write gets its commit's LSN (`replica.rs`).
+async fn call(route: &Route, request: Request, state: AppState) -> HandlerResult {
+    let method = request.method().clone();
+    let mut result = (route.handler)(request, state.clone()).await;
+    if let Ok(response) = &mut result {
+        crate::replica::stamp(&state, &method, response).await;
+    }
+    result
+}
+
 impl Router {
     pub fn new() -> Self {
         Self::default()
@@ -207,12 +217,7 @@ impl Router {
                         };
                     }
                     request.extensions_mut().insert(params);
-                    let method = request.method().clone();
-                    let mut result = (route.handler)(request, state.clone()).await;
-                    if let Ok(response) = &mut result {
-                        crate::replica::stamp(&state, &method, response).await;
-                    }
-                    return (result, route.pattern);
+                    return (call(route, request, state).await, route.pattern);
                 }
                 allowed.push(route.method.clone());
             }
