@@ -19,13 +19,14 @@ bouncer=$(command -v pgbouncer || echo /usr/sbin/pgbouncer)
 
 # The server behind it: host and port of TEST_DATABASE_URL.
 authority=${TEST_DATABASE_URL#*://}
-authority=${authority%%/*}
+authority=${authority%%[/?]*}
 authority=${authority##*@}
 server_host=${authority%:*}
-server_port=${authority##*:}
+server_port=5432
+case "$authority" in *:*) server_port=${authority##*:} ;; esac
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 dir=$(mktemp -d /tmp/tally-pgbouncer.XXXXXX)
-chmod 755 "$dir"
+chmod 711 "$dir"
 cleanup() {
   [ -f "$dir/pgbouncer.pid" ] && kill "$(cat "$dir/pgbouncer.pid")" 2>/dev/null || true
   rm -rf "$dir"
@@ -68,13 +69,23 @@ as_user=()
 if [ "$(id -u)" = 0 ]; then
   # PgBouncer refuses to run as root.
   chown -R postgres "$dir"
+  chmod 600 "$dir/userlist.txt"
   as_user=(runuser -u postgres --)
 fi
 timeout 30 "${as_user[@]}" "$bouncer" -d "$dir/pgbouncer.ini"
-for _ in $(seq 50); do
-  PGPASSWORD=$admin_password psql "postgres://postgres@127.0.0.1:$port/postgres" -qAtc "SELECT 1" >/dev/null 2>&1 && break
+ready=
+for _ in $(seq 100); do
+  if PGPASSWORD=$admin_password psql "postgres://postgres@127.0.0.1:$port/postgres" -qAtc "SELECT 1" >/dev/null 2>&1; then
+    ready=yes
+    break
+  fi
   sleep 0.1
 done
+if [ -z "$ready" ]; then
+  echo "PgBouncer did not answer on 127.0.0.1:$port within 10 s"
+  tail -20 "$dir/pgbouncer.log" || true
+  exit 1
+fi
 echo "PgBouncer on 127.0.0.1:$port, transaction mode, in front of $server_host:$server_port"
 
 export TEST_POOLER_URL="postgres://127.0.0.1:$port"
@@ -85,7 +96,7 @@ export TEST_POOLER_URL="postgres://127.0.0.1:$port"
 filters=("$@")
 [ ${#filters[@]} -gt 0 ] || filters=(storms:: keyed_writes:: orders:: processor:: events:: faults::)
 status=0
-timeout 1800 cargo test -p tally --test api -- "${filters[@]}" || status=$?
+timeout 1500 cargo test -p tally --test api -- "${filters[@]}" || status=$?
 if [ "$status" != 0 ]; then
   echo "--- pgbouncer.log: warnings and errors (the last 60)"
   grep -E "WARNING|ERROR|FATAL" "$dir/pgbouncer.log" | grep -v "when not linked" | tail -60 || true

@@ -509,7 +509,11 @@ def extra_manifests_valid():
             ok = False
             print(f"FAIL {path}:", *errors[:10], sep="\n  ")
             continue
-        broken = copy.deepcopy(docs[0])
+        if not any(d["kind"] == "NetworkPolicy" for d in docs):
+            ok = False
+            print(f"FAIL {path}: no NetworkPolicy fences the restored cluster")
+            continue
+        broken = copy.deepcopy(next(d for d in docs if d["kind"] == "Cluster"))
         recovery = broken["spec"]["bootstrap"]["recovery"]
         recovery["recoveryTarget"]["targetTme"] = recovery["recoveryTarget"].pop("targetTime")
         if problems_of(broken):

@@ -27,10 +27,9 @@ BEGIN
         ('inventory_movements', 'SELECT, INSERT', app),
         ('inventory_shards', 'SELECT, INSERT, UPDATE, DELETE', app),
         ('idempotency_keys', 'SELECT, INSERT, UPDATE, DELETE', app),
-        -- V10/V11: an order's insert writes its placed row as the caller (V11's trigger; the
-        -- status changes' rows are written as the owner); the publisher and the sweep read and
-        -- delete them.
-        ('outbox', 'SELECT, INSERT, DELETE', app)
+        -- V10, V11: the triggers write rows as the outbox's owner (no role may insert one, so
+        -- none can forge an event); the publisher and the sweep read and delete them.
+        ('outbox', 'SELECT, DELETE', app)
     ) AS t (relation, privileges, grantee)
     LOOP
         IF to_regclass(g.relation) IS NOT NULL THEN

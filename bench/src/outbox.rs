@@ -2,7 +2,7 @@
 //! scenarios: the minimal ceiling (pgbench, none of our code), then the API with the outbox off
 //! (its trigger disabled, nothing published: the previous release's write path), then the API
 //! with it on (the trigger's row in the order's transaction, published after the 201 to a
-//! sink on loopback that acknowledges; the row stays until its order leaves PENDING, V11). Each side's ratio to the same round's
+//! sink on loopback that acknowledges, then deleted in batches). Each side's ratio to the same round's
 //! ceiling, medians over the rounds; the bar: on within 10% of off.
 
 use std::net::SocketAddr;
@@ -76,25 +76,23 @@ async fn set_trigger(url: &str, on: bool) {
         .unwrap();
 }
 
-/// Waits (up to 10 s) until the sink has received, since `before`, an event for every row the
-/// side wrote (placed rows stay until their order leaves PENDING, V11, and nothing confirms
-/// them here); returns (events received, rows written).
+/// Waits (up to 10 s) until the outbox is empty: every row the side wrote was published and
+/// deleted. Returns (events the sink received since `before`, rows still there).
 async fn wait_published(url: &str, sink: &Sink, before: u64) -> (u64, i64) {
     let db = connect(url).await;
-    let mut seen = (0, 0);
+    let mut left = 0;
     for _ in 0..100 {
-        let rows: i64 = db
+        left = db
             .query_one("SELECT count(*) FROM outbox", &[])
             .await
             .unwrap()
             .get(0);
-        seen = (sink.received.load(Ordering::Relaxed) - before, rows);
-        if seen.0 >= rows as u64 {
+        if left == 0 {
             break;
         }
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
-    seen
+    (sink.received.load(Ordering::Relaxed) - before, left)
 }
 
 /// Empties and vacuums the outbox, so the next side starts clean.
@@ -138,7 +136,7 @@ pub async fn ab(o: &Options, runner: &Path, urls: (&str, &str), catalog: Catalog
         missed |= !within;
     }
     println!(
-        "outbox A/B: {unexpected} non-2xx responses; {unpublished} outbox rows the sink never received"
+        "outbox A/B: {unexpected} non-2xx responses; {unpublished} outbox rows left unpublished"
     );
     let dir = std::path::PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/results"));
     std::fs::create_dir_all(&dir).unwrap();
@@ -161,7 +159,7 @@ pub async fn ab(o: &Options, runner: &Path, urls: (&str, &str), catalog: Catalog
 }
 
 /// One scenario's rounds: (its report, its non-2xx count, whether "on" is within 10% of "off",
-/// rows the sink never received).
+/// outbox rows never published).
 async fn scenario(
     o: &Options,
     sides: &Sides,
@@ -180,10 +178,10 @@ async fn scenario(
                 .unwrap_or_else(|e| panic!("bench: no ceiling, so no figures: {e}"))
                 .best_tps
         });
-        let (a, b, (published, rows)) = one_round(o, sides, urls, s, round).await;
-        unpublished += (rows as u64).saturating_sub(published);
+        let (a, b, (published, left)) = one_round(o, sides, urls, s, round).await;
+        unpublished += left as u64;
         eprintln!(
-            "bench: outbox round {round}, {} (minimal ceiling {ceiling:.0}): off {}; on {} ({published} events published for {rows} rows)",
+            "bench: outbox round {round}, {} (minimal ceiling {ceiling:.0}): off {}; on {} ({published} events published, {left} rows left)",
             s.name,
             report::round_line(&a),
             report::round_line(&b)
@@ -193,7 +191,7 @@ async fn scenario(
         on_ratio.push(b.load.throughput / ceiling);
         change.push(b.load.throughput / a.load.throughput - 1.0);
         rounds.push(json!({"minimal_ceiling_tps": ceiling, "off": a, "on": b,
-            "events_published": published, "rows_written": rows}));
+            "events_published": published, "rows_left": left}));
     }
     let (off_m, on_m, change_m) = (median(off_ratio), median(on_ratio), median(change));
     let within = change_m >= -0.10;
@@ -215,7 +213,7 @@ async fn scenario(
 /// Both sides once (no ceilings here: pgbench's own-SQL ceiling would write orders, and with
 /// the trigger on, outbox rows nobody publishes); which side goes first alternates by round,
 /// and the outbox is emptied before each, so neither inherits the other's work. Returns (off,
-/// on, (events the sink received for "on", rows "on" wrote)).
+/// on, (events the sink received for "on", rows "on" left unpublished)).
 async fn one_round(
     o: &Options,
     sides: &Sides,

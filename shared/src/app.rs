@@ -86,7 +86,7 @@ impl App {
     pub fn state(&self, config: Config) -> Result<AppState, String> {
         let pool = db::lazy_pool(&config, self.name).map_err(|e| e.to_string())?;
         let read_pool = (config.database_url_read.as_deref())
-            .map(|url| db::lazy_pool_at(&config, url, self.name))
+            .map(|url| db::lazy_pool_at(&config, "DATABASE_URL_READ", url, self.name))
             .transpose()
             .map_err(|e| e.to_string())?;
         let mut extensions = http::Extensions::new();

@@ -12,12 +12,18 @@ pub type Connection<'a> = bb8::PooledConnection<'a, PostgresConnectionManager<Tl
 /// cannot get one within `POOL_TIMEOUT_MS` is answered 503, and the pool keeps trying, so the
 /// function recovers by itself when Postgres comes back.
 pub fn lazy_pool(config: &Config, application_name: &str) -> Result<Pool, ConfigError> {
-    lazy_pool_at(config, config.require_database_url()?, application_name)
+    lazy_pool_at(
+        config,
+        "DATABASE_URL",
+        config.require_database_url()?,
+        application_name,
+    )
 }
 
 /// [`lazy_pool`] for another URL than `DATABASE_URL` (the replica's), with the same settings.
 pub fn lazy_pool_at(
     config: &Config,
+    variable: &str,
     url: &str,
     application_name: &str,
 ) -> Result<Pool, ConfigError> {
@@ -26,7 +32,7 @@ pub fn lazy_pool_at(
         config: mut pg,
         tls,
         ..
-    } = crate::pg::target(url).map_err(|e| ConfigError::new(format!("DATABASE_URL: {e}")))?;
+    } = crate::pg::target(url).map_err(|e| ConfigError::new(format!("{variable}: {e}")))?;
     pg.connect_timeout(config.connect_timeout());
     pg.application_name(application_name);
     // No startup options: statement_timeout and the other session limits are set on the role

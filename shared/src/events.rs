@@ -1,7 +1,6 @@
 //! Order events: the outbox's rows (V10, V11) as CloudEvents. A row is written by a trigger in
 //! the transaction that changes the order; after commit, the function that changed it publishes
-//! it to `K_SINK` (binary content mode) and deletes it (a placed row is deleted when its order
-//! leaves PENDING), off the request's path; what is left
+//! it to `K_SINK` (binary content mode) and deletes it, off the request's path; what is left
 //! behind is published by the processor's sweep ([`publish_left_behind`]). An event's id is
 //! `<order id>:<type>`, the same on every attempt, so a subscriber can tell a redelivery.
 
@@ -312,9 +311,7 @@ impl Publisher {
         sink.post(order_event(order_id, event_type)?).await
     }
 
-    /// Publishes one outbox row and deletes it once the sink has it; a placed row is kept
-    /// instead, until the order leaves PENDING (V11: the transaction that confirms, cancels
-    /// or expires the order deletes it), so an order's path runs no delete of its own. A
+    /// Publishes one outbox row and deletes it once the sink has it (in a batch, later). A
     /// failure leaves the row for the sweep; it is counted and logged, never the caller's
     /// error.
     pub async fn deliver(&self, pool: &Pool, order_id: i64, event_type: &str) {
@@ -323,9 +320,7 @@ impl Publisher {
         }
         match self.publish(order_id, event_type).await {
             Ok(()) => {
-                if event_type != PLACED {
-                    self.forgetter(pool).forget(order_id, event_type);
-                }
+                self.forgetter(pool).forget(order_id, event_type);
                 counter!("tally_events_published_total", "type" => short(event_type)).increment(1)
             }
             Err(e) => {
@@ -393,9 +388,8 @@ fn short(event_type: &str) -> &'static str {
 
 /// Publishes up to `limit` outbox rows, oldest first, deleting each once the sink has it:
 /// placed and cancelled ones once they are older than `grace` (the function that wrote them
-/// publishes them itself, and had that long; a placed row that old is unpublished, or
-/// published and its order not yet handled, and goes out again), the processor's own
-/// (confirmed, expired, failed) at once, since the processor is their publisher. Returns how many went out; stops at the
+/// publishes them itself, and had that long), the processor's own (confirmed, expired,
+/// failed) at once, since the processor is their publisher. Returns how many went out; stops at the
 /// first failure (the sink is likely down; the rest wait for the next sweep).
 pub async fn publish_left_behind(
     pool: &Pool,

@@ -84,8 +84,13 @@ impl SslMode {
 /// What is wrong with a database URL, in words an operator can act on.
 #[derive(Debug, thiserror::Error)]
 pub enum UrlError {
-    #[error("the database URL is not a valid PostgreSQL URL")]
-    Invalid,
+    #[error("not a valid PostgreSQL URL: {0}")]
+    Invalid(String),
+    #[error(
+        "sslrootcert=system trusts every public CA, so it needs sslmode=verify-full (the default \
+         with it), as libpq does"
+    )]
+    WeakWithSystem,
     #[error("sslmode={0:?} is not one of disable, allow, prefer, require, verify-ca, verify-full")]
     SslMode(String),
     #[error(
@@ -117,10 +122,24 @@ pub struct Target {
 /// `sslrootcert=system` means the system's roots; without it, `~/.postgresql/root.crt`.
 pub fn target(url: &str) -> Result<Target, UrlError> {
     let (rest, mode, root) = take_tls_settings(url);
-    let mut config: tokio_postgres::Config = rest.parse().map_err(|_| UrlError::Invalid)?;
-    let mode = mode
-        .as_deref()
-        .map_or(Ok(SslMode::Prefer), SslMode::parse)?;
+    let mut config: tokio_postgres::Config = rest
+        .parse()
+        .map_err(|e: tokio_postgres::Error| UrlError::Invalid(e.to_string()))?;
+    // libpq 16: the system's roots vouch for any public name, so with them only verify-full
+    // means anything, and it is the default.
+    let system = root.as_deref() == Some("system");
+    let mode = match mode.as_deref().map(SslMode::parse).transpose()? {
+        None if system => SslMode::VerifyFull,
+        None => SslMode::Prefer,
+        Some(m) if system && m != SslMode::VerifyFull => return Err(UrlError::WeakWithSystem),
+        Some(m) => m,
+    };
+    // Only an address given (hostaddr): it is the name TLS is offered to, as libpq does.
+    if config.get_hosts().is_empty() {
+        for addr in config.get_hostaddrs().to_vec() {
+            config.host(addr.to_string());
+        }
+    }
     use tokio_postgres::config::SslMode as Driver;
     config.ssl_mode(match mode {
         SslMode::Disable => Driver::Disable,
@@ -136,7 +155,8 @@ pub fn target(url: &str) -> Result<Target, UrlError> {
 }
 
 /// (the URL without `sslmode` and `sslrootcert`, their values), from a URL's query or a
-/// key/value string.
+/// key/value string, found where the driver's own parser finds parameters (so nothing it
+/// would read as `sslmode` stays behind).
 fn take_tls_settings(url: &str) -> (String, Option<String>, Option<String>) {
     let (mut mode, mut root) = (None, None);
     let mut take = |key: &str, value: String| match key {
@@ -150,18 +170,26 @@ fn take_tls_settings(url: &str) -> (String, Option<String>, Option<String>) {
         }
         _ => false,
     };
-    let rest = if url.contains("://") {
-        match url.split_once('?') {
+    let decode = |v: &str| {
+        percent_encoding::percent_decode_str(v)
+            .decode_utf8_lossy()
+            .into_owned()
+    };
+    let rest = if let Some(scheme_end) = url.find("://").map(|i| i + 3) {
+        // As tokio-postgres reads a URL: the user info runs to the first `@`, and the
+        // parameters start at the first `?` after it.
+        let after_credentials = url[scheme_end..]
+            .find('@')
+            .map_or(scheme_end, |at| scheme_end + at + 1);
+        match url[after_credentials..].find('?') {
             None => url.to_owned(),
-            Some((base, query)) => {
-                let kept: Vec<&str> = query
+            Some(q) => {
+                let (base, query) = url.split_at(after_credentials + q);
+                let kept: Vec<&str> = query[1..]
                     .split('&')
                     .filter(|pair| {
                         let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-                        let value = percent_encoding::percent_decode_str(value)
-                            .decode_utf8_lossy()
-                            .into_owned();
-                        !take(key, value)
+                        !take(&decode(key), decode(value))
                     })
                     .collect();
                 if kept.is_empty() {
@@ -172,15 +200,71 @@ fn take_tls_settings(url: &str) -> (String, Option<String>, Option<String>) {
             }
         }
     } else {
-        url.split_whitespace()
-            .filter(|token| {
-                let (key, value) = token.split_once('=').unwrap_or((token, ""));
-                !take(key, value.trim_matches('\'').to_owned())
-            })
-            .collect::<Vec<_>>()
-            .join(" ")
+        let mut rest = String::with_capacity(url.len());
+        for (key, value, text) in key_values(url) {
+            if !take(key, value) {
+                rest.push_str(text);
+                rest.push(' ');
+            }
+        }
+        rest.trim_end().to_owned()
     };
     (rest, mode, root)
+}
+
+/// A key/value connection string's pairs, as libpq reads them (`key = value`, a value quoted
+/// with `'` and `\` escaping, whitespace around `=`): (key, unescaped value, the pair's text).
+fn key_values(s: &str) -> Vec<(&str, String, &str)> {
+    let bytes = s.as_bytes();
+    let mut pairs = Vec::new();
+    let mut i = 0;
+    let skip_ws = |mut i: usize| {
+        while i < bytes.len() && bytes[i].is_ascii_whitespace() {
+            i += 1;
+        }
+        i
+    };
+    loop {
+        i = skip_ws(i);
+        if i >= bytes.len() {
+            return pairs;
+        }
+        let start = i;
+        while i < bytes.len() && bytes[i] != b'=' && !bytes[i].is_ascii_whitespace() {
+            i += 1;
+        }
+        let key = &s[start..i];
+        i = skip_ws(i);
+        if i < bytes.len() && bytes[i] == b'=' {
+            i = skip_ws(i + 1);
+        }
+        let mut value = Vec::new();
+        let quoted = i < bytes.len() && bytes[i] == b'\'';
+        if quoted {
+            i += 1;
+        }
+        while i < bytes.len() {
+            match bytes[i] {
+                b'\\' if i + 1 < bytes.len() => {
+                    value.push(bytes[i + 1]);
+                    i += 2;
+                    continue;
+                }
+                b'\'' if quoted => {
+                    i += 1;
+                    break;
+                }
+                c if !quoted && c.is_ascii_whitespace() => break,
+                c => value.push(c),
+            }
+            i += 1;
+        }
+        pairs.push((
+            key,
+            String::from_utf8_lossy(&value).into_owned(),
+            &s[start..i],
+        ));
+    }
 }
 
 /// How much of the server's certificate is checked.
@@ -504,6 +588,39 @@ mod tests {
             with_database("host=/run/pg dbname=tally", "scratch"),
             "host=/run/pg dbname=tally dbname='scratch'"
         );
+    }
+
+    #[test]
+    fn tls_settings_are_taken_where_the_driver_reads_parameters() {
+        let (rest, mode, root) = take_tls_settings(
+            "postgres://u:p%3Fw@db:5432/x?application_name=a&ssl%6Dode=verify-full&sslrootcert=%2Fca%20dir%2Fca.pem",
+        );
+        assert_eq!(rest, "postgres://u:p%3Fw@db:5432/x?application_name=a");
+        assert_eq!(mode.as_deref(), Some("verify-full"));
+        assert_eq!(root.as_deref(), Some("/ca dir/ca.pem"));
+        let (rest, mode, root) = take_tls_settings(
+            "host=db  password='a b\\'c' sslmode = require sslrootcert='/x y/ca.pem' dbname=t",
+        );
+        assert_eq!(rest, "host=db password='a b\\'c' dbname=t");
+        assert_eq!(mode.as_deref(), Some("require"));
+        assert_eq!(root.as_deref(), Some("/x y/ca.pem"));
+        assert!(take_tls_settings("postgres://db/x").1.is_none());
+    }
+
+    #[test]
+    fn the_system_roots_mean_verify_full_and_nothing_weaker() {
+        let system = target("postgres://db/x?sslrootcert=system").unwrap();
+        assert_eq!(system.ssl_mode, SslMode::VerifyFull);
+        for weak in ["disable", "prefer", "require", "verify-ca"] {
+            let url = format!("postgres://db/x?sslrootcert=system&sslmode={weak}");
+            assert!(
+                matches!(target(&url), Err(UrlError::WeakWithSystem)),
+                "{weak}"
+            );
+        }
+        assert_eq!(target("postgres://db/x").unwrap().ssl_mode, SslMode::Prefer);
+        let only_address = target("postgres://u@/x?hostaddr=127.0.0.1").unwrap();
+        assert_eq!(only_address.config.get_hosts().len(), 1);
     }
 
     #[test]

@@ -4,7 +4,9 @@
 //! A read that sends it back as `Tally-Min-Lsn` is served by the replica once the replica has
 //! replayed that far (waiting up to `READ_LSN_WAIT_MS`), else by the primary: a client that
 //! passes on the LSN of its last write never reads from before it. A read without the header
-//! takes the replica as it is, which may lag.
+//! takes the replica as it is, which may lag (get-order confirms a 404 on the primary, so the
+//! `Location` of a new order is never missing). A replica that cannot be had within 250 ms is
+//! skipped for the primary.
 
 use std::str::FromStr;
 use std::time::{Duration, Instant};
@@ -42,62 +44,110 @@ pub fn min_lsn(request: &Request) -> Result<Option<PgLsn>, ApiError> {
         })
 }
 
+/// How long a read waits for a replica connection before it asks the primary instead: a
+/// replica that is down or saturated is no reason to fail (or slow) a read the primary can
+/// answer.
+const REPLICA_CHECKOUT: Duration = Duration::from_millis(250);
+
+/// A WAL position this far past what the replica has received was not handed out recently
+/// (or at all): the primary answers at once rather than after the wait.
+const FAR_AHEAD: u64 = 64 * 1024 * 1024;
+
+/// Where a read ran: the replica's connection, or the primary's.
+pub struct Reader<'a> {
+    pub conn: Connection<'a>,
+    pub on_replica: bool,
+}
+
 /// A connection for a read: the replica's (caught up to the request's `Tally-Min-Lsn`, if it
 /// names one), else the primary's.
-pub async fn reader<'a>(
-    state: &'a AppState,
-    request: &Request,
-) -> Result<Connection<'a>, ApiError> {
+pub async fn reader<'a>(state: &'a AppState, request: &Request) -> Result<Reader<'a>, ApiError> {
     let wanted = min_lsn(request)?;
+    let primary = || async {
+        Ok(Reader {
+            conn: state.db().await?,
+            on_replica: false,
+        })
+    };
     let Some(replica) = state.read_pool.as_ref() else {
-        return state.db().await;
+        return primary().await;
+    };
+    let Ok(Ok(conn)) = tokio::time::timeout(REPLICA_CHECKOUT, meters::checkout(replica)).await
+    else {
+        metrics::counter!("tally_reads_sent_to_primary_total").increment(1);
+        return primary().await;
     };
     let Some(wanted) = wanted else {
-        return meters::checkout(replica).await;
-    };
-    // A replica that cannot be reached is no reason to fail a read the primary can answer.
-    let Ok(conn) = meters::checkout(replica).await else {
-        return state.db().await;
+        return Ok(Reader {
+            conn,
+            on_replica: true,
+        });
     };
     let deadline = Instant::now() + state.config.read_lsn_wait();
-    let params: [(&(dyn tokio_postgres::types::ToSql + Sync), Type); 1] = [(&wanted, Type::PG_LSN)];
+    let far = FAR_AHEAD as f64;
+    let params: [(&(dyn tokio_postgres::types::ToSql + Sync), Type); 2] =
+        [(&wanted, Type::PG_LSN), (&far, Type::FLOAT8)];
     loop {
-        // Not in recovery: a primary behind the read URL is always current.
-        let caught_up = conn
+        // (caught up, far ahead of anything received); not in recovery: a primary behind the
+        // read URL is always current.
+        let state_of = conn
             .query_typed(
-                "SELECT NOT pg_is_in_recovery() OR pg_last_wal_replay_lsn() >= $1",
+                "SELECT NOT pg_is_in_recovery() OR pg_last_wal_replay_lsn() >= $1, \
+                        pg_is_in_recovery() AND $1 - pg_last_wal_receive_lsn() > $2::float8",
                 &params,
             )
             .await
             .ok()
-            .and_then(|rows| rows.first().and_then(|r| r.get::<_, Option<bool>>(0)));
-        if caught_up == Some(true) {
-            return Ok(conn);
+            .and_then(|rows| {
+                let row = rows.first()?;
+                Some((
+                    row.get::<_, Option<bool>>(0)?,
+                    row.get::<_, Option<bool>>(1),
+                ))
+            });
+        match state_of {
+            Some((true, _)) => {
+                return Ok(Reader {
+                    conn,
+                    on_replica: true,
+                });
+            }
+            Some((false, Some(true))) => break,
+            _ if Instant::now() >= deadline => break,
+            _ => tokio::time::sleep(POLL).await,
         }
-        if Instant::now() >= deadline {
-            metrics::counter!("tally_reads_sent_to_primary_total").increment(1);
-            drop(conn);
-            return state.db().await;
-        }
-        tokio::time::sleep(POLL).await;
     }
+    metrics::counter!("tally_reads_sent_to_primary_total").increment(1);
+    drop(conn);
+    primary().await
 }
 
-/// Adds `Tally-Commit-Lsn` to a successful write's response, when `COMMIT_LSN` is on: the
-/// primary's WAL position now, after the write's commit, so at or past it. Reads and failures
-/// get nothing, and a failure to learn the position costs the write nothing but the header.
+/// How long a write's response waits for a connection to learn the LSN; past it, the
+/// response goes without the header (a client then reads the replica as it is).
+const STAMP_CHECKOUT: Duration = Duration::from_millis(250);
+
+/// Adds `Tally-Commit-Lsn` to a successful write's response, when `COMMIT_LSN` is on: the end
+/// of the WAL inserted so far, read after the write committed, so at or past its commit record
+/// even when that commit did not wait for the flush (`synchronous_commit = off`). Reads and
+/// failures get nothing, and a failure to learn the position costs the write only the header.
 pub async fn stamp(state: &AppState, method: &Method, response: &mut Response) {
     let write = !matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS);
     if !state.config.commit_lsn || !write || !response.status().is_success() {
         return;
     }
-    let Ok(conn) = state.db().await else { return };
+    let Ok(Ok(conn)) = tokio::time::timeout(STAMP_CHECKOUT, state.db()).await else {
+        metrics::counter!("tally_commit_lsn_missing_total").increment(1);
+        return;
+    };
     let lsn = conn
-        .query_typed("SELECT pg_current_wal_lsn()", &[])
+        .query_typed("SELECT pg_current_wal_insert_lsn()", &[])
         .await
         .ok()
         .and_then(|rows| rows.first().and_then(|r| r.get::<_, Option<PgLsn>>(0)));
-    if let Some(value) = lsn.and_then(|lsn| HeaderValue::from_str(&lsn.to_string()).ok()) {
-        response.headers_mut().insert(COMMIT_LSN, value);
+    match lsn.and_then(|lsn| HeaderValue::from_str(&lsn.to_string()).ok()) {
+        Some(value) => {
+            response.headers_mut().insert(COMMIT_LSN, value);
+        }
+        None => metrics::counter!("tally_commit_lsn_missing_total").increment(1),
     }
 }

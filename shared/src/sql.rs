@@ -35,8 +35,20 @@ pub async fn read(
     sql: &str,
     params: &Params<'_>,
 ) -> Result<Vec<Row>, ApiError> {
-    let conn = crate::replica::reader(state, request).await?;
-    Ok(meters::timed(name, conn.query_typed(sql, params)).await?)
+    Ok(read_where(state, request, name, sql, params).await?.0)
+}
+
+/// [`read`], and whether the replica answered (false: the primary did).
+pub async fn read_where(
+    state: &AppState,
+    request: &crate::http::Request,
+    name: &'static str,
+    sql: &str,
+    params: &Params<'_>,
+) -> Result<(Vec<Row>, bool), ApiError> {
+    let reader = crate::replica::reader(state, request).await?;
+    let rows = meters::timed(name, reader.conn.query_typed(sql, params)).await?;
+    Ok((rows, reader.on_replica))
 }
 
 /// [`query`] for a statement that always answers one row: none is a bug, not a 404.

@@ -19,14 +19,14 @@ pub async fn get_order(request: Request, state: AppState) -> HandlerResult {
     let caller = auth::principal(&request)?;
     let id = path_id(&request, "id")?;
     // From the replica when there is one, caught up to the caller's last write if it says so.
-    let rows = sql::read(
-        &state,
-        &request,
-        "order_document",
-        ORDER_SQL,
-        &[(&id, Type::INT8)],
-    )
-    .await?;
+    // An order the replica does not have yet is asked of the primary: a client following the
+    // Location of the order it just placed never gets 404 for want of Tally-Min-Lsn.
+    let params = [(&id as _, Type::INT8)];
+    let (mut rows, on_replica) =
+        sql::read_where(&state, &request, "order_document", ORDER_SQL, &params).await?;
+    if rows.is_empty() && on_replica {
+        rows = sql::query(&state, "order_document", ORDER_SQL, &params).await?;
+    }
     let row = rows.first().ok_or(ApiError::NotFound)?;
     // Someone else's order is answered exactly as a missing one: its existence is not revealed.
     if !caller.may_access(row.get(0)) {

@@ -130,7 +130,11 @@ async fn a_read_naming_its_writes_lsn_never_sees_the_replicas_past() {
     let standby = tally_shared::pg::connect(&on_standby(&db_url, &primary_port, pair.standby_port))
         .await
         .unwrap();
-    // Caught up (the seed included), then replay paused: from here the replica is the past.
+    // An order placed while the replica follows: it has it, PENDING.
+    let earlier = app.order(1, &[(2, 1)]).await;
+    assert_eq!(earlier.status, 201, "{:?}", earlier.body);
+    let earlier = earlier.json()["order_id"].as_i64().unwrap();
+    // Caught up, then replay paused: from here the replica is the past.
     let target = lsn_of(&app.db, "SELECT pg_current_wal_lsn()").await;
     let deadline = Instant::now() + Duration::from_secs(30);
     while lsn_of(&standby, "SELECT pg_last_wal_replay_lsn()").await < target {
@@ -142,38 +146,58 @@ async fn a_read_naming_its_writes_lsn_never_sees_the_replicas_past() {
         .await
         .unwrap();
     let stock_before = app.get("/products/1").await.json()["inventory"].clone();
+    let customer = app.customer(1);
+    let read = |path: String, lsn: Option<String>| {
+        let (app, customer) = (&app, customer.clone());
+        async move {
+            let mut headers = vec![("authorization", customer.as_str())];
+            if let Some(lsn) = &lsn {
+                headers.push(("tally-min-lsn", lsn.as_str()));
+            }
+            app.request(Method::GET, &path, &headers, "").await
+        }
+    };
 
-    let placed = app.order(1, &[(1, 2)]).await;
-    assert_eq!(placed.status, 201, "{:?}", placed.body);
-    let lsn = placed.header("tally-commit-lsn").to_owned();
+    // The customer cancels the earlier order: the write answers its commit's LSN.
+    let cancel = app
+        .request(
+            Method::POST,
+            &format!("/orders/{earlier}/cancel"),
+            &[("authorization", &customer)],
+            "",
+        )
+        .await;
+    assert_eq!(cancel.status, 200, "{:?}", cancel.body);
+    let lsn = cancel.header("tally-commit-lsn").to_owned();
     assert!(
         lsn.contains('/'),
         "a write answers its commit's LSN: {lsn:?}"
     );
-    let id = placed.json()["order_id"].as_i64().unwrap();
-    let path = format!("/orders/{id}");
-    let customer = app.customer(1);
-
-    // Without the LSN the replica answers, as it is: the order is not there yet.
-    let stale = app
-        .request(Method::GET, &path, &[("authorization", &customer)], "")
-        .await;
-    assert_eq!(stale.status, 404, "the read went to the replica");
-    // With it, the replica (paused) cannot catch up in time: the primary answers.
-    let own = app
-        .request(
-            Method::GET,
-            &path,
-            &[("authorization", &customer), ("tally-min-lsn", &lsn)],
-            "",
-        )
-        .await;
+    let path = format!("/orders/{earlier}");
+    // Without the LSN the replica answers, as it is: still PENDING there.
+    let stale = read(path.clone(), None).await;
+    assert_eq!(
+        stale.json()["order"]["status"],
+        "PENDING",
+        "the read went to the replica"
+    );
+    // With it the replica (paused) cannot catch up in time, and the primary answers.
+    let own = read(path.clone(), Some(lsn.clone())).await;
     assert_eq!(own.status, 200, "{:?}", own.body);
-    assert_eq!(own.json()["order"]["id"], id);
-    // The catalogue likewise: the stock as of the caller's write, or the replica's past.
+    assert_eq!(own.json()["order"]["status"], "CANCELLED");
+
+    // A new order: the replica does not have it, so even without the LSN the primary is asked
+    // rather than answering 404 to the Location just handed out.
+    let placed = app.order(1, &[(1, 2)]).await;
+    assert_eq!(placed.status, 201, "{:?}", placed.body);
+    let placed_lsn = placed.header("tally-commit-lsn").to_owned();
+    let id = placed.json()["order_id"].as_i64().unwrap();
+    let fresh = read(format!("/orders/{id}"), None).await;
+    assert_eq!(fresh.status, 200, "{:?}", fresh.body);
+    // The catalogue has no such fallback: the stock as of the caller's write, or the past.
     assert_eq!(stock(&app, None).await, stock_before);
     assert_eq!(
-        stock(&app, Some(&lsn)).await,
+        stock(&app, Some(&placed_lsn)).await,
         stock_before.as_i64().unwrap() - 2
     );
     // A malformed LSN is the caller's mistake.
@@ -182,22 +206,16 @@ async fn a_read_naming_its_writes_lsn_never_sees_the_replicas_past() {
         .await;
     bad.assert_problem(400, "invalid_request");
 
-    // Replay resumed: the replica catches up and answers the order itself.
+    // Replay resumed: the replica catches up and shows the cancel itself.
     standby
         .batch_execute("SELECT pg_wal_replay_resume()")
         .await
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let r = app
-            .request(Method::GET, &path, &[("authorization", &customer)], "")
-            .await;
-        if r.status == 200 {
-            break;
-        }
+    while read(path.clone(), None).await.json()["order"]["status"] != "CANCELLED" {
         assert!(
             Instant::now() < deadline,
-            "the replica never showed the order"
+            "the replica never showed the cancel"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
