@@ -8,6 +8,8 @@
 #
 #   TEST_DATABASE_URL=postgres://postgres@127.0.0.1:5432/postgres bash .ci/pgbouncer.sh
 set -euo pipefail
+# Its files hold a password: nobody else reads them.
+umask 077
 cd "$(dirname "$0")/.."
 : "${TEST_DATABASE_URL:?the tests server, e.g. postgres://postgres@127.0.0.1:5432/postgres}"
 if ! command -v pgbouncer >/dev/null 2>&1 && [ ! -x /usr/sbin/pgbouncer ]; then
@@ -19,8 +21,8 @@ bouncer=$(command -v pgbouncer || echo /usr/sbin/pgbouncer)
 
 # The server behind it: host and port of TEST_DATABASE_URL.
 authority=${TEST_DATABASE_URL#*://}
+case "$authority" in *@*) authority=${authority#*@} ;; esac
 authority=${authority%%[/?]*}
-authority=${authority##*@}
 server_host=${authority%:*}
 server_port=5432
 case "$authority" in *:*) server_port=${authority##*:} ;; esac

@@ -95,6 +95,16 @@ async fn wait_published(url: &str, sink: &Sink, before: u64) -> (u64, i64) {
     (sink.received.load(Ordering::Relaxed) - before, left)
 }
 
+/// How many orders the database holds.
+async fn orders(url: &str) -> i64 {
+    connect(url)
+        .await
+        .query_one("SELECT count(*) FROM orders", &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
 /// Empties and vacuums the outbox, so the next side starts clean.
 async fn settle(url: &str) {
     let db = connect(url).await;
@@ -194,19 +204,26 @@ async fn scenario(
             "events_published": published, "rows_left": left}));
     }
     let (off_m, on_m, change_m) = (median(off_ratio), median(on_ratio), median(change));
-    let within = change_m >= -0.10;
+    // The bar: the ratio to the minimal ceiling (taken in the same round, which is what
+    // cancels the machine's drift) with the outbox on, within 10% of the ratio with it off,
+    // medians over the rounds. The median of the per-round on/off change ignores the ceiling;
+    // it is printed beside it, not judged, as it is the noisier of the two on a shared machine.
+    let ratio_change = on_m / off_m - 1.0;
+    let within = ratio_change >= -0.10;
     let verdict = if within {
         "within 10%"
     } else {
         "MISSED: over 10%"
     };
     println!(
-        "outbox A/B, {}: ratio to the minimal ceiling off {off_m:.2}x, on {on_m:.2}x; median per-round change {:+.1}% ({verdict})",
+        "outbox A/B, {}: ratio to the minimal ceiling off {off_m:.3}x, on {on_m:.3}x: {:+.1}% ({verdict}); median per-round on/off change {:+.1}%",
         s.name,
+        ratio_change * 100.0,
         change_m * 100.0,
     );
     let result = json!({"scenario": s.name, "off_ratio": off_m, "on_ratio": on_m,
-        "median_change": change_m, "within_10_percent": within, "rounds": rounds});
+        "ratio_change": ratio_change, "median_change": change_m, "within_10_percent": within,
+        "rounds": rounds});
     (result, unexpected, within, unpublished)
 }
 
@@ -228,8 +245,14 @@ async fn one_round(
         set_trigger(urls.0, side_on).await;
         if side_on {
             let before = sides.sink.received.load(Ordering::Relaxed);
+            let orders_before = orders(urls.0).await;
             let r = run_round_with(o, &sides.on, urls, s, false).await;
-            on = Some((r, wait_published(urls.0, &sides.sink, before).await));
+            let (published, left) = wait_published(urls.0, &sides.sink, before).await;
+            // Every order the side wrote (its warm-up's too) was published, none dropped: a
+            // row deleted without its event would pass the drain but not this.
+            let written = orders(urls.0).await - orders_before;
+            let unaccounted = (written - published as i64).max(0);
+            on = Some((r, (published, left + unaccounted)));
         } else {
             off = Some(run_round_with(o, &sides.off, urls, s, false).await);
         }

@@ -125,6 +125,15 @@ pub fn target(url: &str) -> Result<Target, UrlError> {
     let mut config: tokio_postgres::Config = rest
         .parse()
         .map_err(|e: tokio_postgres::Error| UrlError::Invalid(e.to_string()))?;
+    // The driver found an sslmode this parser did not take out (written in a way it does not
+    // read alike): refuse, rather than let the line below overrule what the URL asked for.
+    if config.get_ssl_mode() != tokio_postgres::config::SslMode::Prefer {
+        return Err(UrlError::Invalid(
+            "sslmode is written in a way this parser cannot read safely; write it as \
+             sslmode=<mode>"
+                .into(),
+        ));
+    }
     // libpq 16: the system's roots vouch for any public name, so with them only verify-full
     // means anything, and it is the default.
     let system = root.as_deref() == Some("system");
@@ -134,7 +143,8 @@ pub fn target(url: &str) -> Result<Target, UrlError> {
         Some(m) if system && m != SslMode::VerifyFull => return Err(UrlError::WeakWithSystem),
         Some(m) => m,
     };
-    // Only an address given (hostaddr): it is the name TLS is offered to, as libpq does.
+    // Only an address given (hostaddr): TLS is offered to that address (its IP in the
+    // certificate satisfies verify-full; libpq 16 refuses verify-full without a host instead).
     if config.get_hosts().is_empty() {
         for addr in config.get_hostaddrs().to_vec() {
             config.host(addr.to_string());
@@ -175,7 +185,12 @@ fn take_tls_settings(url: &str) -> (String, Option<String>, Option<String>) {
             .decode_utf8_lossy()
             .into_owned()
     };
-    let rest = if let Some(scheme_end) = url.find("://").map(|i| i + 3) {
+    // A URL exactly when the driver takes it for one (its two prefixes), else key/value.
+    let scheme_end = ["postgres://", "postgresql://"]
+        .iter()
+        .find(|prefix| url.starts_with(*prefix))
+        .map(|prefix| prefix.len());
+    let rest = if let Some(scheme_end) = scheme_end {
         // As tokio-postgres reads a URL: the user info runs to the first `@`, and the
         // parameters start at the first `?` after it.
         let after_credentials = url[scheme_end..]

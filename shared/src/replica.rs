@@ -44,6 +44,10 @@ pub fn min_lsn(request: &Request) -> Result<Option<PgLsn>, ApiError> {
         })
 }
 
+/// How long a read's statement may take on the replica before the primary is asked instead
+/// (a replica that stopped answering, or cancelled the query for a recovery conflict).
+pub const REPLICA_QUERY: Duration = Duration::from_secs(2);
+
 /// How long a read waits for a replica connection before it asks the primary instead: a
 /// replica that is down or saturated is no reason to fail (or slow) a read the primary can
 /// answer.
@@ -89,22 +93,25 @@ pub async fn reader<'a>(state: &'a AppState, request: &Request) -> Result<Reader
         [(&wanted, Type::PG_LSN), (&far, Type::FLOAT8)];
     loop {
         // (caught up, far ahead of anything received); not in recovery: a primary behind the
-        // read URL is always current.
-        let state_of = conn
-            .query_typed(
+        // read URL is always current. Bounded by the wait: a replica that stopped answering
+        // (rather than refusing) must not hold the read.
+        let remaining = deadline.saturating_duration_since(Instant::now()).max(POLL);
+        let asked = tokio::time::timeout(
+            remaining,
+            conn.query_typed(
                 "SELECT NOT pg_is_in_recovery() OR pg_last_wal_replay_lsn() >= $1, \
                         pg_is_in_recovery() AND $1 - pg_last_wal_receive_lsn() > $2::float8",
                 &params,
-            )
-            .await
-            .ok()
-            .and_then(|rows| {
-                let row = rows.first()?;
-                Some((
-                    row.get::<_, Option<bool>>(0)?,
-                    row.get::<_, Option<bool>>(1),
-                ))
-            });
+            ),
+        )
+        .await;
+        let Ok(Ok(rows)) = asked else { break };
+        let state_of = rows.first().and_then(|row| {
+            Some((
+                row.get::<_, Option<bool>>(0)?,
+                row.get::<_, Option<bool>>(1),
+            ))
+        });
         match state_of {
             Some((true, _)) => {
                 return Ok(Reader {

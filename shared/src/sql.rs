@@ -47,8 +47,19 @@ pub async fn read_where(
     params: &Params<'_>,
 ) -> Result<(Vec<Row>, bool), ApiError> {
     let reader = crate::replica::reader(state, request).await?;
-    let rows = meters::timed(name, reader.conn.query_typed(sql, params)).await?;
-    Ok((rows, reader.on_replica))
+    if !reader.on_replica {
+        let rows = meters::timed(name, reader.conn.query_typed(sql, params)).await?;
+        return Ok((rows, false));
+    }
+    let on_replica = meters::timed(name, reader.conn.query_typed(sql, params));
+    match tokio::time::timeout(crate::replica::REPLICA_QUERY, on_replica).await {
+        Ok(Ok(rows)) => Ok((rows, true)),
+        // A replica that hung or failed the statement: the primary answers instead.
+        _ => {
+            metrics::counter!("tally_reads_sent_to_primary_total").increment(1);
+            Ok((query(state, name, sql, params).await?, false))
+        }
+    }
 }
 
 /// [`query`] for a statement that always answers one row: none is a bug, not a 404.

@@ -10,7 +10,8 @@
 -- would be one that could forge a confirmed or cancelled event) and the trigger works for every
 -- role that may insert an order, from this commit on, before any grant. Safe without its own
 -- search_path: the body names its one table with its schema and uses only constants, so a
--- caller's search_path has nothing to resolve.
+-- caller's search_path has nothing to resolve. Keep it so: an unqualified name added here
+-- would be resolved on the caller's search_path, with the owner's rights.
 --
 -- Expand only: a new function, and the trigger split in one transaction (no order is inserted
 -- between the drop and the creates without its row; DROP TRIGGER locks orders for that instant).
