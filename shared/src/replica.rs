@@ -14,11 +14,11 @@ use std::time::{Duration, Instant};
 use http::{HeaderValue, Method};
 use tokio_postgres::types::{PgLsn, Type};
 
-use crate::db::Connection;
+use crate::config::Config;
+use crate::db::{Connection, Pool};
 use crate::error::ApiError;
 use crate::http::{Request, Response};
 use crate::meters;
-use crate::router::AppState;
 
 pub const COMMIT_LSN: &str = "tally-commit-lsn";
 pub const MIN_LSN: &str = "tally-min-lsn";
@@ -65,15 +65,21 @@ pub struct Reader<'a> {
 
 /// A connection for a read: the replica's (caught up to the request's `Tally-Min-Lsn`, if it
 /// names one), else the primary's.
-pub async fn reader<'a>(state: &'a AppState, request: &Request) -> Result<Reader<'a>, ApiError> {
+/// (Not the router's state: this module sits below the router, which stamps writes with it.)
+pub async fn reader<'a>(
+    primary_pool: &'a Pool,
+    replica: Option<&'a Pool>,
+    config: &Config,
+    request: &Request,
+) -> Result<Reader<'a>, ApiError> {
     let wanted = min_lsn(request)?;
     let primary = || async {
         Ok(Reader {
-            conn: state.db().await?,
+            conn: meters::checkout(primary_pool).await?,
             on_replica: false,
         })
     };
-    let Some(replica) = state.read_pool.as_ref() else {
+    let Some(replica) = replica else {
         return primary().await;
     };
     let Ok(Ok(conn)) = tokio::time::timeout(REPLICA_CHECKOUT, meters::checkout(replica)).await
@@ -87,7 +93,7 @@ pub async fn reader<'a>(state: &'a AppState, request: &Request) -> Result<Reader
             on_replica: true,
         });
     };
-    let deadline = Instant::now() + state.config.read_lsn_wait();
+    let deadline = Instant::now() + config.read_lsn_wait();
     let far = FAR_AHEAD as f64;
     let params: [(&(dyn tokio_postgres::types::ToSql + Sync), Type); 2] =
         [(&wanted, Type::PG_LSN), (&far, Type::FLOAT8)];
@@ -137,12 +143,12 @@ const STAMP_CHECKOUT: Duration = Duration::from_millis(250);
 /// of the WAL inserted so far, read after the write committed, so at or past its commit record
 /// even when that commit did not wait for the flush (`synchronous_commit = off`). Reads and
 /// failures get nothing, and a failure to learn the position costs the write only the header.
-pub async fn stamp(state: &AppState, method: &Method, response: &mut Response) {
+pub async fn stamp(pool: &Pool, config: &Config, method: &Method, response: &mut Response) {
     let write = !matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS);
-    if !state.config.commit_lsn || !write || !response.status().is_success() {
+    if !config.commit_lsn || !write || !response.status().is_success() {
         return;
     }
-    let Ok(Ok(conn)) = tokio::time::timeout(STAMP_CHECKOUT, state.db()).await else {
+    let Ok(Ok(conn)) = tokio::time::timeout(STAMP_CHECKOUT, meters::checkout(pool)).await else {
         metrics::counter!("tally_commit_lsn_missing_total").increment(1);
         return;
     };

@@ -146,7 +146,7 @@ async fn call(route: &Route, request: Request, state: AppState) -> HandlerResult
     let method = request.method().clone();
     let mut result = (route.handler)(request, state.clone()).await;
     if let Ok(response) = &mut result {
-        crate::replica::stamp(&state, &method, response).await;
+        crate::replica::stamp(&state.pool, &state.config, &method, response).await;
     }
     result
 }

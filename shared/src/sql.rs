@@ -46,7 +46,13 @@ pub async fn read_where(
     sql: &str,
     params: &Params<'_>,
 ) -> Result<(Vec<Row>, bool), ApiError> {
-    let reader = crate::replica::reader(state, request).await?;
+    let reader = crate::replica::reader(
+        &state.pool,
+        state.read_pool.as_ref(),
+        &state.config,
+        request,
+    )
+    .await?;
     if !reader.on_replica {
         let rows = meters::timed(name, reader.conn.query_typed(sql, params)).await?;
         return Ok((rows, false));

@@ -15,6 +15,7 @@ const LAYERS: &[&[&str]] = &[
     &["idempotency"],
     &["service", "sql"],
     &["router"],
+    &["replica"],
     &["auth", "meters", "events"],
     &["http", "db", "jwks"],
     &["config", "error", "migrate", "catalog", "telemetry"],

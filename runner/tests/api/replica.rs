@@ -127,9 +127,19 @@ async fn a_read_naming_its_writes_lsn_never_sees_the_replicas_past() {
         ],
     )
     .await;
-    let standby = tally_shared::pg::connect(&on_standby(&db_url, &primary_port, pair.standby_port))
-        .await
-        .unwrap();
+    // The standby replays the database's creation when it gets to it: connect once it has.
+    let standby_url = on_standby(&db_url, &primary_port, pair.standby_port);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let standby = loop {
+        match tally_shared::pg::connect(&standby_url).await {
+            Ok(client) => break client,
+            Err(e) => assert!(
+                Instant::now() < deadline,
+                "the standby never had the database: {e}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     // An order placed while the replica follows: it has it, PENDING.
     let earlier = app.order(1, &[(2, 1)]).await;
     assert_eq!(earlier.status, 201, "{:?}", earlier.body);
