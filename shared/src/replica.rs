@@ -26,22 +26,27 @@ pub const MIN_LSN: &str = "tally-min-lsn";
 /// How often a read waiting for the replica asks again.
 const POLL: Duration = Duration::from_millis(5);
 
-/// The LSN a read names, if any: `X/Y` in hex as PostgreSQL writes it; anything else is 400.
-pub fn min_lsn(request: &Request) -> Result<Option<PgLsn>, ApiError> {
+/// What a read's `Tally-Min-Lsn` says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MinLsn {
+    Absent,
+    At(PgLsn),
+    /// Not a WAL position (`X/Y` in hex, as PostgreSQL writes it): the caller wants a read
+    /// after some write we cannot place, so the primary answers; never an error, as the
+    /// primary is always current.
+    Unreadable,
+}
+
+pub fn min_lsn(request: &Request) -> MinLsn {
     let Some(value) = request.headers().get(MIN_LSN) else {
-        return Ok(None);
+        return MinLsn::Absent;
     };
     value
         .to_str()
         .ok()
         .filter(|v| v.len() <= 17 && v.contains('/'))
         .and_then(|v| PgLsn::from_str(v).ok())
-        .map(Some)
-        .ok_or_else(|| {
-            ApiError::InvalidRequest(format!(
-                "{MIN_LSN} must be a WAL position as a write's {COMMIT_LSN} gave it (e.g. 0/16B3748)"
-            ))
-        })
+        .map_or(MinLsn::Unreadable, MinLsn::At)
 }
 
 /// How long a read's statement may take on the replica before the primary is asked instead
@@ -72,14 +77,14 @@ pub async fn reader<'a>(
     config: &Config,
     request: &Request,
 ) -> Result<Reader<'a>, ApiError> {
-    let wanted = min_lsn(request)?;
+    let wanted = min_lsn(request);
     let primary = || async {
         Ok(Reader {
             conn: meters::checkout(primary_pool).await?,
             on_replica: false,
         })
     };
-    let Some(replica) = replica else {
+    let Some(replica) = replica.filter(|_| wanted != MinLsn::Unreadable) else {
         return primary().await;
     };
     let Ok(Ok(conn)) = tokio::time::timeout(REPLICA_CHECKOUT, meters::checkout(replica)).await
@@ -87,7 +92,7 @@ pub async fn reader<'a>(
         metrics::counter!("tally_reads_sent_to_primary_total").increment(1);
         return primary().await;
     };
-    let Some(wanted) = wanted else {
+    let MinLsn::At(wanted) = wanted else {
         return Ok(Reader {
             conn,
             on_replica: true,
