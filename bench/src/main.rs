@@ -110,6 +110,13 @@ fn options() -> Result<Options, String> {
     if o.rounds == 0 {
         return Err("--rounds must be at least 1".into());
     }
+    // The same transport as the ceilings (pgbench runs with PGSSLMODE=disable): without it, a
+    // server with ssl=on would give the API TLS (libpq's default, `prefer`) and the ceilings
+    // none. A URL that names its sslmode keeps it, for measuring TLS on purpose.
+    if !o.server.contains("sslmode=") {
+        let joiner = if o.server.contains('?') { '&' } else { '?' };
+        o.server = format!("{}{joiner}sslmode=disable", o.server);
+    }
     Ok(o)
 }
 

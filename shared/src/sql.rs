@@ -58,7 +58,10 @@ pub async fn read_where(
         return Ok((rows, false));
     }
     let on_replica = meters::timed(name, reader.conn.query_typed(sql, params));
-    match tokio::time::timeout(crate::replica::REPLICA_QUERY, on_replica).await {
+    let answered = tokio::time::timeout(crate::replica::REPLICA_QUERY, on_replica).await;
+    // The replica's connection goes back before any fallback takes one of the primary's.
+    drop(reader);
+    match answered {
         Ok(Ok(rows)) => Ok((rows, true)),
         // A replica that hung or failed the statement: the primary answers instead.
         _ => {
