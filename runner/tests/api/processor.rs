@@ -448,6 +448,7 @@ impl FulfilmentStep for PanicsOnFirst {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_panicking_step_spares_its_batch_and_its_order_fails_after_max_attempts() {
+    const LEASE_SECS: f64 = 2.0;
     let app = TestApp::spawn().await;
     let product = app.add_product("POISON", 10, 100).await;
     place_pending_orders(&app, product, 4).await;
@@ -458,9 +459,12 @@ async fn a_panicking_step_spares_its_batch_and_its_order_fails_after_max_attempt
         seen: Mutex::default(),
         settled: Mutex::default(),
     };
+    // The lease covers all four steps of the first sweep, each of which connects to PostgreSQL:
+    // 0.3 s was too short on a loaded 2-core CI run (the last step's claim ran out before its
+    // outcome was recorded), so 2 s, and the waits below outlast it.
     let config = ProcessorConfig {
         process_max_attempts: 2,
-        claim_lease_secs: 0.3,
+        claim_lease_secs: LEASE_SECS,
         ..ProcessorConfig::default()
     };
     let pool = pool_for(&app, &app.db_url);
@@ -480,7 +484,7 @@ async fn a_panicking_step_spares_its_batch_and_its_order_fails_after_max_attempt
     assert_eq!(s.claimed, 0);
     // The second claim panics again; the third gives up without running the step.
     for (claimed, unknown, failed) in [(1, 1, 0), (1, 0, 1)] {
-        tokio::time::sleep(std::time::Duration::from_millis(350)).await;
+        tokio::time::sleep(std::time::Duration::from_secs_f64(LEASE_SECS + 0.05)).await;
         let s = sweep(&pool, &config, &step).await.unwrap();
         assert_eq!(
             (s.claimed, s.outcome_unknown, s.failed),
